@@ -1,0 +1,208 @@
+//! The node agent: wires the image service, the runtime, host ports and the kubelet
+//! endpoint together, and reconciles the pods it runs against what its source wants.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::cache::CacheError;
+use crate::hostport::HostPorts;
+use crate::images::ImageService;
+use crate::logs::ContainerLog;
+use crate::metrics::Metrics;
+use crate::pod::{PodHandle, PodRecord, fingerprint, uid_from_fingerprint};
+use crate::runtime::{Runtime, RuntimeError};
+use crate::settings::NodeSettings;
+use crate::source::{DesiredPods, PodSource};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("image cache: {0}")]
+    Cache(#[from] CacheError),
+    #[error("runtime: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("kubelet endpoint {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every pod worker shares.
+pub struct NodeContext {
+    pub settings: NodeSettings,
+    pub images: ImageService,
+    pub runtime: Arc<Runtime>,
+    pub host_ports: Arc<HostPorts>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl NodeContext {
+    /// Directory of a pod's logs: `logs/<namespace>_<name>_<uid>/`.
+    pub fn pod_log_dir(&self, pod: &Pod) -> PathBuf {
+        let m = &pod.metadata;
+        self.settings.data_dir.join("logs").join(format!(
+            "{}_{}_{}",
+            m.namespace.as_deref().unwrap_or("default"),
+            m.name.as_deref().unwrap_or_default(),
+            m.uid.as_deref().unwrap_or_default()
+        ))
+    }
+
+    pub fn container_log(&self, pod: &Pod, container: &str) -> std::io::Result<Arc<ContainerLog>> {
+        ContainerLog::open(
+            self.pod_log_dir(pod).join(format!("{container}.log")),
+            self.settings.log_max_file_bytes,
+            self.settings.log_max_files,
+        )
+    }
+}
+
+/// A node agent.
+pub struct Agent {
+    pub ctx: Arc<NodeContext>,
+    pods: RwLock<HashMap<String, Arc<PodHandle>>>,
+    source_errors: RwLock<Vec<String>>,
+}
+
+impl Agent {
+    pub fn new(settings: NodeSettings) -> Result<Arc<Self>, AgentError> {
+        let metrics = Arc::new(Metrics::default());
+        let images = ImageService::new(settings.clone(), metrics.clone())?;
+        let runtime = Runtime::new(&settings, metrics.clone())?;
+        Ok(Arc::new(Self {
+            ctx: Arc::new(NodeContext {
+                settings,
+                images,
+                runtime,
+                host_ports: Arc::new(HostPorts::default()),
+                metrics,
+            }),
+            pods: RwLock::new(HashMap::new()),
+            source_errors: RwLock::new(Vec::new()),
+        }))
+    }
+
+    /// Every pod with its current status, sorted by namespace and name.
+    pub fn pods(&self) -> Vec<PodRecord> {
+        let pods = self
+            .pods
+            .read()
+            .map(|p| p.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        let mut records: Vec<PodRecord> = pods.iter().filter_map(|h| h.snapshot()).collect();
+        records.sort_by_key(|r| crate::pod_key(&r.pod));
+        records
+    }
+
+    pub fn pod(&self, key: &str) -> Option<PodRecord> {
+        self.pods.read().ok()?.get(key)?.snapshot()
+    }
+
+    /// What the pod source could not read, one line per problem.
+    pub fn source_errors(&self) -> Vec<String> {
+        self.source_errors
+            .read()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+
+    /// Runs the node: the kubelet endpoint, and pods from `source`, until `shutdown`
+    /// resolves; then stops every pod gracefully.
+    pub async fn run(
+        self: Arc<Self>,
+        mut source: impl PodSource,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let addr = self.ctx.settings.kubelet_addr;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Bind { addr, source })?;
+        let server = tokio::spawn(crate::kubelet::serve(listener, self.clone()));
+        tracing::info!(node = %self.ctx.settings.node_name, %addr, "node agent ready");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                desired = source.next() => match desired {
+                    Some(desired) => self.reconcile(desired).await,
+                    None => break,
+                },
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!("stopping every pod");
+        let handles: Vec<_> = self
+            .pods
+            .write()
+            .map(|mut p| p.drain().map(|(_, h)| h).collect())
+            .unwrap_or_default();
+        futures::future::join_all(handles.into_iter().map(stop_handle)).await;
+        server.abort();
+        Ok(())
+    }
+
+    /// Brings the running pods in line with `desired`: stops removed and changed pods
+    /// (gracefully, all at once), then starts new and changed ones.
+    pub async fn reconcile(&self, desired: DesiredPods) {
+        if let Ok(mut errors) = self.source_errors.write() {
+            *errors = desired.errors.clone();
+        }
+        let mut wanted: HashMap<String, (Pod, String)> = HashMap::new();
+        for manifest in desired.pods {
+            let key = manifest.key();
+            let mut pod = manifest.pod;
+            let print = fingerprint(&pod);
+            if pod.metadata.uid.is_none() {
+                pod.metadata.uid = Some(uid_from_fingerprint(&print));
+            }
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.node_name = Some(self.ctx.settings.node_name.clone());
+            }
+            wanted.insert(key, (pod, print));
+        }
+        let to_stop: Vec<Arc<PodHandle>> = {
+            let Ok(mut pods) = self.pods.write() else {
+                return;
+            };
+            let stale: Vec<String> = pods
+                .iter()
+                .filter(|(key, handle)| {
+                    wanted
+                        .get(*key)
+                        .is_none_or(|(_, print)| *print != handle.fingerprint)
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
+            stale.iter().filter_map(|key| pods.remove(key)).collect()
+        };
+        let stop_dirs: Vec<PathBuf> = to_stop
+            .iter()
+            .filter_map(|h| h.snapshot())
+            .map(|r| self.ctx.pod_log_dir(&r.pod))
+            .collect();
+        futures::future::join_all(to_stop.into_iter().map(stop_handle)).await;
+        for dir in stop_dirs {
+            // Logs of a pod that is gone are garbage, as a kubelet collects them.
+            let _ = tokio::fs::remove_dir_all(dir).await;
+        }
+        let Ok(mut pods) = self.pods.write() else {
+            return;
+        };
+        for (key, (pod, print)) in wanted {
+            if pods.contains_key(&key) {
+                continue;
+            }
+            let handle = PodHandle::spawn(self.ctx.clone(), pod, key.clone(), print);
+            pods.insert(key, Arc::new(handle));
+        }
+    }
+}
+
+async fn stop_handle(handle: Arc<PodHandle>) {
+    handle.stop().await;
+}

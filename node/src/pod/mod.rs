@@ -1,0 +1,41 @@
+//! The pod lifecycle on a node, in krator's spirit: each pod has one worker task that walks
+//! a typed state machine (Pending → Pulling → Starting → Running → Succeeded/Failed, with
+//! back-off states on the way) and is the only writer of that pod's [`PodRecord`].
+//!
+//! Owns: pull and start ordering, restart policy, CrashLoopBackOff and ImagePullBackOff,
+//! probes, graceful stop. Does not own: where pods come from (see [`crate::source`]),
+//! how guests run (see [`crate::runtime`]), how ports are served (see [`crate::hostport`]).
+
+mod probe;
+pub mod status;
+mod worker;
+
+pub use status::{ContainerState, PodPhase, PodRecord};
+pub use worker::PodHandle;
+
+use k8s_openapi::api::core::v1::Pod;
+use sha2::Digest as _;
+
+/// A digest of everything in a pod manifest: a changed manifest is a new pod, as with a
+/// kubelet's static pods.
+pub fn fingerprint(pod: &Pod) -> String {
+    let bytes = serde_json::to_vec(pod).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A stable UUID-shaped uid derived from the fingerprint, so a node restart gives the same
+/// pod the same uid (and the same log directory).
+pub fn uid_from_fingerprint(fingerprint: &str) -> String {
+    let f = fingerprint.as_bytes();
+    let part = |a: usize, b: usize| {
+        String::from_utf8_lossy(&f[a.min(f.len())..b.min(f.len())]).into_owned()
+    };
+    format!(
+        "{}-{}-{}-{}-{}",
+        part(0, 8),
+        part(8, 12),
+        part(12, 16),
+        part(16, 20),
+        part(20, 32)
+    )
+}

@@ -1,0 +1,604 @@
+//! One pod's worker: the state machine that takes a pod from Pending to a terminal phase
+//! and stops it gracefully when asked.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::probe::{ProbeTiming, probe_http};
+use super::status::{ContainerState, PodRecord, Terminated};
+use crate::agent::NodeContext;
+use crate::images::{PullPolicy, PulledImage};
+use crate::logs::ContainerLog;
+use crate::metrics::Metrics;
+use crate::runtime::{App, CommandApp, ExitStatus, GuestContext, HttpApp};
+
+/// The states a pod's worker walks through. Each state's handler returns the next one.
+enum PodState {
+    /// Fetch every container's artifact (ErrImagePull/ImagePullBackOff on failure).
+    Pulling,
+    /// Compile or load each artifact and prepare the containers.
+    Starting(Vec<PulledImage>),
+    /// Supervise the containers until they finish or the pod is stopped.
+    Running(Vec<(Container, App)>),
+    /// Every container is done for good; wait to be removed.
+    Finished,
+    /// A stop was requested: the worker ends.
+    Stopped,
+}
+
+/// A running pod worker, owned by the agent.
+pub struct PodHandle {
+    pub key: String,
+    pub fingerprint: String,
+    pub record: Arc<RwLock<PodRecord>>,
+    stop: watch::Sender<bool>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl PodHandle {
+    /// Starts a worker for `pod` (already validated, with uid and nodeName set).
+    pub fn spawn(ctx: Arc<NodeContext>, pod: Pod, key: String, fingerprint: String) -> Self {
+        let host_ip = ctx.settings.host_port_address.to_string();
+        let record = Arc::new(RwLock::new(PodRecord::new(pod, host_ip)));
+        let (stop, stop_rx) = watch::channel(false);
+        let uid = record
+            .read()
+            .ok()
+            .and_then(|r| r.pod.metadata.uid.clone())
+            .unwrap_or_default();
+        let worker = Worker {
+            ctx,
+            record: record.clone(),
+            stop: stop_rx,
+            key: key.clone(),
+        };
+        let span = tracing::info_span!("pod", pod = %key, uid = %uid);
+        let task = tokio::spawn(worker.run().instrument(span));
+        Self {
+            key,
+            fingerprint,
+            record,
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Stops the pod gracefully (its `terminationGracePeriodSeconds`) and waits for it.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    pub fn snapshot(&self) -> Option<PodRecord> {
+        self.record.read().ok().map(|r| r.clone())
+    }
+}
+
+struct Worker {
+    ctx: Arc<NodeContext>,
+    record: Arc<RwLock<PodRecord>>,
+    stop: watch::Receiver<bool>,
+    key: String,
+}
+
+/// Resolves when a stop is requested (or the handle is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn next_backoff(current: Duration, max: Duration) -> Duration {
+    (current * 2).min(max)
+}
+
+impl Worker {
+    fn pod(&self) -> Pod {
+        self.record
+            .read()
+            .map(|r| r.pod.clone())
+            .unwrap_or_default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PodRecord)) {
+        if let Ok(mut record) = self.record.write() {
+            let was_ready = record.all_ready();
+            f(&mut record);
+            if record.all_ready() != was_ready {
+                record.ready_since = Timestamp::now();
+            }
+        }
+    }
+
+    fn set_container(&self, name: &str, f: impl FnOnce(&mut super::status::ContainerRecord)) {
+        self.update(|r| {
+            if let Some(c) = r.container_mut(name) {
+                f(c);
+            }
+        });
+    }
+
+    fn grace(&self) -> Duration {
+        let secs = self
+            .pod()
+            .spec
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30);
+        Duration::from_secs(secs.max(0) as u64)
+    }
+
+    async fn run(mut self) {
+        tracing::info!("pod accepted");
+        let mut state = PodState::Pulling;
+        loop {
+            state = match state {
+                PodState::Pulling => self.pull().await,
+                PodState::Starting(images) => self.start(images).await,
+                PodState::Running(apps) => self.supervise(apps).await,
+                PodState::Finished => {
+                    tracing::info!(phase = ?self.record.read().map(|r| r.phase()).ok(), "pod finished");
+                    stopped(&mut self.stop).await;
+                    PodState::Stopped
+                }
+                PodState::Stopped => break,
+            };
+        }
+        tracing::info!("pod stopped");
+    }
+
+    async fn pull(&mut self) -> PodState {
+        let containers = self.pod().spec.map(|s| s.containers).unwrap_or_default();
+        let mut backoff = self.ctx.settings.image_pull_backoff_initial;
+        'retry: loop {
+            let mut pulled = Vec::with_capacity(containers.len());
+            for container in &containers {
+                let image = container.image.clone().unwrap_or_default();
+                let policy = PullPolicy::parse(
+                    container
+                        .image_pull_policy
+                        .as_deref()
+                        .unwrap_or("IfNotPresent"),
+                );
+                let result = tokio::select! {
+                    r = self.ctx.images.ensure(&image, policy, None) => r,
+                    () = stopped(&mut self.stop) => return PodState::Stopped,
+                };
+                match result {
+                    Ok(image) => {
+                        self.set_container(&container.name, |c| {
+                            c.image_id = image.image_id.clone()
+                        });
+                        pulled.push(image);
+                    }
+                    Err(e) => {
+                        tracing::warn!(container = %container.name, %image, error = %e, "pull failed");
+                        let message = format!("Back-off pulling image {image:?}: {e}");
+                        self.set_container(&container.name, |c| {
+                            c.state = ContainerState::Waiting {
+                                reason: "ImagePullBackOff".into(),
+                                message: Some(message),
+                            }
+                        });
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = stopped(&mut self.stop) => return PodState::Stopped,
+                        }
+                        backoff = next_backoff(backoff, self.ctx.settings.backoff_max);
+                        continue 'retry;
+                    }
+                }
+            }
+            return PodState::Starting(pulled);
+        }
+    }
+
+    fn guest_context(&self, container: &Container, log: Arc<ContainerLog>) -> GuestContext {
+        let pod = self.pod();
+        let mut args: Vec<String> = container
+            .command
+            .clone()
+            .unwrap_or_else(|| vec![container.name.clone()]);
+        args.extend(container.args.iter().flatten().cloned());
+        let field = |path: &str| -> String {
+            match path {
+                "metadata.name" => pod.metadata.name.clone().unwrap_or_default(),
+                "metadata.namespace" => pod.metadata.namespace.clone().unwrap_or_default(),
+                "metadata.uid" => pod.metadata.uid.clone().unwrap_or_default(),
+                "spec.nodeName" => pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            }
+        };
+        let env = container
+            .env
+            .iter()
+            .flatten()
+            .map(|e| {
+                let value = match (
+                    &e.value,
+                    e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()),
+                ) {
+                    (_, Some(r)) => field(&r.field_path),
+                    (Some(v), None) => v.clone(),
+                    (None, None) => String::new(),
+                };
+                (e.name.clone(), value)
+            })
+            .collect();
+        let memory_limit = container
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .and_then(|q| brink_proto::parse_bytes(&q.0).ok())
+            .unwrap_or(self.ctx.settings.default_guest_memory);
+        GuestContext {
+            args,
+            env,
+            memory_limit,
+            log,
+            name: format!("{}/{}", self.key, container.name),
+        }
+    }
+
+    async fn start(&mut self, images: Vec<PulledImage>) -> PodState {
+        let containers = self.pod().spec.map(|s| s.containers).unwrap_or_default();
+        let mut apps = Vec::with_capacity(containers.len());
+        for (container, image) in containers.into_iter().zip(images) {
+            let prepared = async {
+                let memory_limit_ok = self.guest_context_limit_ok(&container)?;
+                let log = self
+                    .ctx
+                    .container_log(&self.pod(), &container.name)
+                    .map_err(|e| format!("cannot open the container log: {e}"))?;
+                let loaded = self
+                    .ctx
+                    .runtime
+                    .load(&image.layer_digest, &image.blob_path)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = memory_limit_ok;
+                self.ctx
+                    .runtime
+                    .prepare(&loaded, self.guest_context(&container, log))
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match prepared {
+                Ok(app) => apps.push((container, app)),
+                Err(message) => {
+                    tracing::warn!(container = %container.name, %message, "cannot start container");
+                    self.set_container(&container.name, |c| {
+                        c.state = ContainerState::Waiting {
+                            reason: "CreateContainerError".into(),
+                            message: Some(message),
+                        }
+                    });
+                    tokio::select! {
+                        () = tokio::time::sleep(self.ctx.settings.crash_loop_backoff_initial) => return PodState::Pulling,
+                        () = stopped(&mut self.stop) => return PodState::Stopped,
+                    }
+                }
+            }
+        }
+        self.update(|r| r.initialized_at = Some(Timestamp::now()));
+        PodState::Running(apps)
+    }
+
+    fn guest_context_limit_ok(&self, container: &Container) -> Result<(), String> {
+        let limit = container
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .and_then(|q| brink_proto::parse_bytes(&q.0).ok());
+        match limit {
+            Some(l) if l > self.ctx.settings.max_guest_memory => Err(format!(
+                "memory limit {l} bytes is above this node's largest guest memory ({} bytes)",
+                self.ctx.settings.max_guest_memory
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    async fn supervise(&mut self, apps: Vec<(Container, App)>) -> PodState {
+        let supervisors = apps.into_iter().map(|(container, app)| {
+            let stop = self.stop.clone();
+            let this = &*self;
+            async move {
+                match app {
+                    App::Http(app) => this.supervise_http(container, app, stop).await,
+                    App::Command(app) => this.supervise_command(container, app, stop).await,
+                }
+            }
+        });
+        futures::future::join_all(supervisors).await;
+        if *self.stop.borrow() {
+            PodState::Stopped
+        } else {
+            PodState::Finished
+        }
+    }
+
+    fn restart_policy(&self) -> String {
+        self.pod()
+            .spec
+            .and_then(|s| s.restart_policy)
+            .unwrap_or_else(|| "Always".into())
+    }
+
+    /// A command container: run, apply the restart policy, back off between crashes.
+    async fn supervise_command(
+        &self,
+        container: Container,
+        app: CommandApp,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let name = container.name.clone();
+        let settings = &self.ctx.settings;
+        let mut backoff = settings.crash_loop_backoff_initial;
+        loop {
+            let started_at = Timestamp::now();
+            let started = Instant::now();
+            self.set_container(&name, |c| {
+                c.state = ContainerState::Running { started_at };
+                c.ready = true;
+            });
+            Metrics::inc(&self.ctx.metrics.container_starts);
+            let run = app.run();
+            tokio::pin!(run);
+            let (status, stopping) = tokio::select! {
+                status = &mut run => (status, false),
+                () = stopped(&mut stop) => {
+                    let grace = self.grace();
+                    match tokio::time::timeout(grace, &mut run).await {
+                        Ok(status) => (status, true),
+                        Err(_) => (ExitStatus {
+                            code: 137,
+                            reason: "Error".into(),
+                            message: Some(format!("stopped after its {}s grace period", grace.as_secs())),
+                        }, true),
+                    }
+                }
+            };
+            let terminated = Terminated {
+                exit_code: status.code,
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+                started_at,
+                finished_at: Timestamp::now(),
+            };
+            tracing::info!(container = %name, code = status.code, reason = %status.reason, "container exited");
+            let restart = !stopping
+                && match self.restart_policy().as_str() {
+                    "Always" => true,
+                    "OnFailure" => status.code != 0,
+                    _ => false,
+                };
+            if !restart {
+                self.set_container(&name, |c| {
+                    c.state = ContainerState::Terminated(terminated);
+                    c.ready = false;
+                    c.finished = true;
+                });
+                return;
+            }
+            if started.elapsed() >= settings.backoff_reset_after {
+                backoff = settings.crash_loop_backoff_initial;
+            }
+            let message = format!(
+                "back-off {}s restarting failed container={name} pod={}",
+                backoff.as_secs_f64(),
+                self.key
+            );
+            self.set_container(&name, |c| {
+                c.last_state = Some(terminated.clone());
+                c.state = ContainerState::Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: Some(message),
+                };
+                c.ready = false;
+            });
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stopped(&mut stop) => {
+                    self.set_container(&name, |c| {
+                        c.state = ContainerState::Terminated(terminated);
+                        c.finished = true;
+                    });
+                    return;
+                }
+            }
+            backoff = next_backoff(backoff, settings.backoff_max);
+            self.set_container(&name, |c| c.restart_count += 1);
+            Metrics::inc(&self.ctx.metrics.container_restarts);
+        }
+    }
+
+    /// A service container: open its host ports, probe it, and drain it on stop.
+    async fn supervise_http(
+        &self,
+        container: Container,
+        app: Arc<HttpApp>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let name = container.name.clone();
+        let mut listeners = Vec::new();
+        let mut backoff = self.ctx.settings.crash_loop_backoff_initial;
+        for port in container.ports.iter().flatten() {
+            let Some(host_port) = port.host_port else {
+                continue;
+            };
+            let ip = port
+                .host_ip
+                .as_deref()
+                .and_then(|ip| ip.parse().ok())
+                .unwrap_or(self.ctx.settings.host_port_address);
+            let addr = std::net::SocketAddr::new(ip, host_port as u16);
+            loop {
+                match self
+                    .ctx
+                    .host_ports
+                    .bind(addr, format!("{}/{name}", self.key), app.clone())
+                    .await
+                {
+                    Ok(listener) => {
+                        listeners.push(listener);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(container = %name, %addr, error = %e, "cannot open host port");
+                        self.set_container(&name, |c| {
+                            c.state = ContainerState::Waiting {
+                                reason: "RunContainerError".into(),
+                                message: Some(format!("host port {addr}: {e}")),
+                            }
+                        });
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = stopped(&mut stop) => return,
+                        }
+                        backoff = next_backoff(backoff, self.ctx.settings.backoff_max);
+                    }
+                }
+            }
+        }
+        let started_at = Timestamp::now();
+        Metrics::inc(&self.ctx.metrics.container_starts);
+        let readiness = container.readiness_probe.clone();
+        self.set_container(&name, |c| {
+            c.state = ContainerState::Running { started_at };
+            c.ready = readiness.is_none();
+        });
+        tracing::info!(container = %name, "service container running");
+
+        let mut readiness = readiness.map(ProbeLoop::new);
+        let mut liveness = container.liveness_probe.clone().map(ProbeLoop::new);
+        loop {
+            let next = [readiness.as_ref(), liveness.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|p| p.due)
+                .min();
+            let sleep = async {
+                match next {
+                    Some(due) => tokio::time::sleep_until(due.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = sleep => {}
+                () = stopped(&mut stop) => break,
+            }
+            if let Some(probe) = readiness.as_mut().filter(|p| p.is_due())
+                && let Some(ready) = probe.run(&app).await
+            {
+                self.set_container(&name, |c| c.ready = ready);
+            }
+            if let Some(probe) = liveness.as_mut().filter(|p| p.is_due())
+                && probe.run(&app).await == Some(false)
+            {
+                tracing::warn!(container = %name, "liveness probe failed; restarting");
+                let terminated = Terminated {
+                    exit_code: 137,
+                    reason: "Error".into(),
+                    message: Some("Liveness probe failed".into()),
+                    started_at,
+                    finished_at: Timestamp::now(),
+                };
+                self.set_container(&name, |c| {
+                    c.last_state = Some(terminated);
+                    c.restart_count += 1;
+                    c.state = ContainerState::Running {
+                        started_at: Timestamp::now(),
+                    };
+                });
+                Metrics::inc(&self.ctx.metrics.container_restarts);
+                probe.reset();
+            }
+        }
+        // Graceful stop: close the listeners, let requests in flight finish.
+        self.set_container(&name, |c| c.ready = false);
+        let grace = self.grace();
+        let deadline = Instant::now() + grace;
+        for listener in listeners {
+            listener
+                .shutdown(deadline.saturating_duration_since(Instant::now()))
+                .await;
+        }
+        while app.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.set_container(&name, |c| {
+            c.state = ContainerState::Terminated(Terminated {
+                exit_code: 0,
+                reason: "Completed".into(),
+                message: None,
+                started_at,
+                finished_at: Timestamp::now(),
+            });
+            c.finished = true;
+        });
+    }
+}
+
+/// One probe's schedule and thresholds.
+struct ProbeLoop {
+    probe: Probe,
+    timing: ProbeTiming,
+    due: Instant,
+    successes: u32,
+    failures: u32,
+}
+
+impl ProbeLoop {
+    fn new(probe: Probe) -> Self {
+        let timing = ProbeTiming::of(&probe);
+        Self {
+            due: Instant::now() + timing.initial_delay,
+            probe,
+            timing,
+            successes: 0,
+            failures: 0,
+        }
+    }
+
+    fn is_due(&self) -> bool {
+        Instant::now() >= self.due
+    }
+
+    fn reset(&mut self) {
+        self.due = Instant::now() + self.timing.initial_delay.max(self.timing.period);
+        self.successes = 0;
+        self.failures = 0;
+    }
+
+    /// Runs the probe; returns the new verdict once a threshold is crossed.
+    async fn run(&mut self, app: &HttpApp) -> Option<bool> {
+        let ok = probe_http(app, &self.probe, &self.timing).await;
+        self.due = Instant::now() + self.timing.period;
+        if ok {
+            self.failures = 0;
+            self.successes += 1;
+            (self.successes >= self.timing.success_threshold).then_some(true)
+        } else {
+            self.successes = 0;
+            self.failures += 1;
+            (self.failures >= self.timing.failure_threshold).then_some(false)
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Every interval, timeout and limit of the node agent, named and documented in one place.
+//! The CLI exposes each one as a flag; the defaults are what a small edge machine wants.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of one node agent.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// The node's name, as it appears in `spec.nodeName` and in `brink get pods -o wide`.
+    pub node_name: String,
+    /// Root of everything the node keeps on disk: blob cache, compiled artifacts, logs.
+    pub data_dir: PathBuf,
+    /// Where the kubelet-style endpoint (`/healthz`, `/pods`, `/containerLogs`) listens.
+    /// Plain HTTP, so keep it on loopback until the TLS endpoint lands.
+    pub kubelet_addr: SocketAddr,
+    /// The address host ports bind to when a port does not name a `hostIP`.
+    pub host_port_address: IpAddr,
+    /// Registries reached over plain HTTP besides loopback ones (`host:port`).
+    pub insecure_registries: Vec<String>,
+    /// How often the manifest directory is re-read for changes.
+    pub manifest_poll_interval: Duration,
+    /// Resolution of the guest CPU deadline: the engine's epoch advances this often.
+    pub epoch_tick: Duration,
+    /// How long one HTTP request may run in a guest before it is interrupted with a 504.
+    pub request_deadline: Duration,
+    /// Guest instances that may be alive at once (the pooling allocator's slots).
+    pub max_instances: u32,
+    /// The most linear memory one guest may have; also the pooling allocator's slot size.
+    pub max_guest_memory: u64,
+    /// Guest memory cap for containers without `resources.limits.memory`.
+    pub default_guest_memory: u64,
+    /// First wait after a failed pull; doubles per failure up to `backoff_max`.
+    pub image_pull_backoff_initial: Duration,
+    /// First wait before restarting a crashed container; doubles up to `backoff_max`.
+    pub crash_loop_backoff_initial: Duration,
+    /// Ceiling of both back-offs (Kubernetes uses five minutes).
+    pub backoff_max: Duration,
+    /// A container that ran this long without failing has its crash back-off reset.
+    pub backoff_reset_after: Duration,
+    /// A container log file is rotated when it grows past this size.
+    pub log_max_file_bytes: u64,
+    /// How many log files (current plus rotated) are kept per container.
+    pub log_max_files: usize,
+    /// How often a following log reader (`logs -f`) looks for new lines.
+    pub log_follow_poll: Duration,
+    /// Connect and read timeout for registry requests.
+    pub registry_timeout: Duration,
+}
+
+impl NodeSettings {
+    /// Defaults for a node keeping its state under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node_name: default_node_name(),
+            data_dir: data_dir.into(),
+            kubelet_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10250),
+            host_port_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            insecure_registries: Vec::new(),
+            manifest_poll_interval: Duration::from_secs(1),
+            epoch_tick: Duration::from_millis(10),
+            request_deadline: Duration::from_secs(10),
+            max_instances: 1000,
+            max_guest_memory: 1 << 30,
+            default_guest_memory: 256 << 20,
+            image_pull_backoff_initial: Duration::from_secs(10),
+            crash_loop_backoff_initial: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(300),
+            backoff_reset_after: Duration::from_secs(600),
+            log_max_file_bytes: 10 << 20,
+            log_max_files: 5,
+            log_follow_poll: Duration::from_millis(200),
+            registry_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The host name, or "brink-node" when it cannot be read.
+pub fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_lowercase())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "brink-node".into())
+}

@@ -1,0 +1,168 @@
+//! Where a node's pods come from. A [`PodSource`] yields the complete desired set of pods
+//! each time it changes, like a kubelet config source's SET operation; the agent reconciles
+//! against it. [`ManifestDir`] reads Pod manifests from a directory; a later source watches
+//! the Kubernetes API instead.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use brink_proto::{PodManifest, parse_manifests};
+
+/// The pods a source wants running, and what it could not read.
+#[derive(Debug, Clone, Default)]
+pub struct DesiredPods {
+    pub pods: Vec<PodManifest>,
+    /// One line per source that failed (file, document, field, message).
+    pub errors: Vec<String>,
+}
+
+/// A source of desired pods.
+pub trait PodSource: Send + 'static {
+    /// Waits for the next change and returns the complete desired set; None when the
+    /// source has ended.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<DesiredPods>> + Send;
+}
+
+/// Pod manifests (`*.yaml`, `*.yml`, `*.json`) in a directory, re-read when a file changes.
+pub struct ManifestDir {
+    dir: PathBuf,
+    poll: Duration,
+    seen: BTreeMap<PathBuf, FileState>,
+    first: bool,
+}
+
+#[derive(Debug, Clone)]
+struct FileState {
+    stamp: (SystemTime, u64),
+    /// The last pods this file yielded without error.
+    pods: Vec<PodManifest>,
+    error: Option<String>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>, poll: Duration) -> Self {
+        Self {
+            dir: dir.into(),
+            poll,
+            seen: BTreeMap::new(),
+            first: true,
+        }
+    }
+
+    /// Re-reads changed files; returns whether anything changed. Blocking.
+    fn rescan(dir: &Path, seen: &mut BTreeMap<PathBuf, FileState>) -> bool {
+        let mut present = Vec::new();
+        let mut changed = false;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the manifest directory");
+                return false;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_manifest = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if !is_manifest || hidden {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
+            present.push(path.clone());
+            if seen.get(&path).is_some_and(|s| s.stamp == stamp) {
+                continue;
+            }
+            changed = true;
+            let name = path.display().to_string();
+            let parsed = std::fs::read(&path)
+                .map_err(|e| format!("{name}: {e}"))
+                .and_then(|bytes| {
+                    String::from_utf8(bytes).map_err(|_| format!("{name}: not UTF-8 text"))
+                })
+                .and_then(|text| parse_manifests(&name, &text).map_err(|e| e.to_string()));
+            let previous = seen.remove(&path);
+            let state = match parsed {
+                Ok(pods) => FileState {
+                    stamp,
+                    pods,
+                    error: None,
+                },
+                Err(error) => {
+                    tracing::error!(%error, "manifest refused; nothing from this file changes");
+                    // Pods already running from an earlier good version keep running: a typo
+                    // in an edit must not take a service down.
+                    FileState {
+                        stamp,
+                        pods: previous.map(|p| p.pods).unwrap_or_default(),
+                        error: Some(error),
+                    }
+                }
+            };
+            seen.insert(path, state);
+        }
+        let before = seen.len();
+        seen.retain(|path, _| present.contains(path));
+        changed || seen.len() != before
+    }
+
+    fn desired(&self) -> DesiredPods {
+        let mut desired = DesiredPods::default();
+        let mut owners: BTreeMap<String, &Path> = BTreeMap::new();
+        for (path, state) in &self.seen {
+            if let Some(error) = &state.error {
+                desired.errors.push(error.clone());
+            }
+            for pod in &state.pods {
+                if let Some(first) = owners.get(&pod.key()) {
+                    desired.errors.push(format!(
+                        "{}: pod {} is already defined in {}; ignored here",
+                        path.display(),
+                        pod.key(),
+                        first.display()
+                    ));
+                    continue;
+                }
+                owners.insert(pod.key(), path);
+                desired.pods.push(pod.clone());
+            }
+        }
+        desired
+    }
+}
+
+impl PodSource for ManifestDir {
+    async fn next(&mut self) -> Option<DesiredPods> {
+        loop {
+            if !self.first {
+                tokio::time::sleep(self.poll).await;
+            }
+            let dir = self.dir.clone();
+            let mut seen = std::mem::take(&mut self.seen);
+            let (seen, changed) = tokio::task::spawn_blocking(move || {
+                let changed = Self::rescan(&dir, &mut seen);
+                (seen, changed)
+            })
+            .await
+            .ok()?;
+            self.seen = seen;
+            if changed || self.first {
+                self.first = false;
+                return Some(self.desired());
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! `brink-proto`: what Brink accepts and what Brink processes say to each other.
+//!
+//! This crate owns the validation of the resource types Brink runs (today: `v1/Pod`
+//! manifests, see [`manifest`]) and, as they land, the wire formats between Brink processes.
+//! It does no I/O: callers hand it bytes and get typed values or a typed error that names
+//! the file, the document and the field at fault.
+
+pub mod manifest;
+pub mod quantity;
+
+pub use manifest::{ManifestError, PodManifest, parse_manifests};
+pub use quantity::{QuantityError, parse_bytes};

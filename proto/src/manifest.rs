@@ -1,0 +1,623 @@
+//! Pod manifests: YAML or JSON text, several documents per file, into validated `v1/Pod`s.
+//!
+//! Parsing is strict the way `kubectl apply` is with server-side field validation: a YAML
+//! syntax error, a field of the wrong type, a field Kubernetes does not know, or a value
+//! Brink cannot honour (a UDP port, an `exec` probe) is an error naming the source, the
+//! document and the field. A file with any error yields no pods at all, so a half-valid
+//! file never starts half its pods.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::quantity::parse_bytes;
+
+/// The restart policies Kubernetes defines; anything else is refused.
+pub const RESTART_POLICIES: [&str; 3] = ["Always", "OnFailure", "Never"];
+/// The image pull policies Kubernetes defines.
+pub const PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
+/// Downward-API fields a wasm container may read through `env[].valueFrom.fieldRef`.
+pub const SUPPORTED_FIELD_REFS: [&str; 4] = [
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+    "spec.nodeName",
+];
+
+/// What is wrong with a manifest, and where.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    /// The file (or other source) the text came from.
+    pub source_name: String,
+    /// 1-based index of the YAML document within the source.
+    pub document: usize,
+    /// Dotted path of the field at fault, when one is known (`spec.containers[0].image`).
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.source_name, self.document)?;
+        if let Some(field) = &self.field {
+            write!(f, ": field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// A validated pod and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodManifest {
+    pub pod: Pod,
+    pub document: usize,
+}
+
+impl PodManifest {
+    /// `namespace/name`, the pod's identity on a node.
+    pub fn key(&self) -> String {
+        pod_key(&self.pod)
+    }
+}
+
+/// `namespace/name` of a validated pod.
+pub fn pod_key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// A problem with one field, before the source and document are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Parses every document in `text`. Empty documents are skipped. Any error anywhere means
+/// no pods from this source.
+pub fn parse_manifests(source_name: &str, text: &str) -> Result<Vec<PodManifest>, ManifestError> {
+    let mut pods = Vec::new();
+    let mut keys = HashSet::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc_no = index + 1;
+        let err = |field: Option<String>, message: String| ManifestError {
+            source_name: source_name.to_string(),
+            document: doc_no,
+            field,
+            message,
+        };
+        let value = serde_yaml::Value::deserialize(document)
+            .map_err(|e| err(None, format!("invalid YAML: {e}")))?;
+        if value.is_null() {
+            continue;
+        }
+        let pod = parse_pod_value(value).map_err(|e| err(Some(e.field), e.message))?;
+        let manifest = PodManifest {
+            pod,
+            document: doc_no,
+        };
+        if !keys.insert(manifest.key()) {
+            return Err(err(
+                Some("metadata.name".into()),
+                format!("pod {} is defined twice in this file", manifest.key()),
+            ));
+        }
+        pods.push(manifest);
+    }
+    Ok(pods)
+}
+
+fn parse_pod_value(value: serde_yaml::Value) -> Result<Pod, FieldError> {
+    let serde_yaml::Value::Mapping(map) = &value else {
+        return Err(field_err(
+            "",
+            "a manifest must be a mapping with apiVersion and kind",
+        ));
+    };
+    let text_field = |name: &str| map.get(name).and_then(|v| v.as_str()).map(str::to_string);
+    let kind = text_field("kind").ok_or_else(|| field_err("kind", "required"))?;
+    let api_version =
+        text_field("apiVersion").ok_or_else(|| field_err("apiVersion", "required"))?;
+    if kind != "Pod" {
+        return Err(field_err(
+            "kind",
+            format!("kind {kind:?} is not supported here (only Pod)"),
+        ));
+    }
+    if api_version != "v1" {
+        return Err(field_err(
+            "apiVersion",
+            format!("a Pod has apiVersion \"v1\", not {api_version:?}"),
+        ));
+    }
+    let mut unknown = Vec::new();
+    let mut record_unknown = |path: serde_ignored::Path<'_>| {
+        unknown.push(bracket_indices(&path.to_string()));
+    };
+    let deserializer = serde_ignored::Deserializer::new(value, &mut record_unknown);
+    let mut pod: Pod = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = bracket_indices(&e.path().to_string());
+        field_err(field, e.into_inner().to_string())
+    })?;
+    if let Some(first) = unknown.into_iter().next() {
+        return Err(field_err(first, "unknown field"));
+    }
+    validate_pod(&mut pod)?;
+    Ok(pod)
+}
+
+/// `spec.containers.0.image` → `spec.containers[0].image`, as kubectl prints paths.
+fn bracket_indices(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 4);
+    for (i, segment) in path.split('.').enumerate() {
+        if segment.chars().all(|c| c.is_ascii_digit()) && !segment.is_empty() {
+            out.push('[');
+            out.push_str(segment);
+            out.push(']');
+        } else {
+            if i > 0 {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    if out == "?" { String::new() } else { out }
+}
+
+/// A DNS-1123 label: what Kubernetes requires of namespaces and container names.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain: what Kubernetes requires of pod names.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// Checks what the type system cannot, and fills in the defaults Kubernetes' API server
+/// would (namespace, restartPolicy, imagePullPolicy, grace period).
+pub fn validate_pod(pod: &mut Pod) -> Result<(), FieldError> {
+    let name = pod
+        .metadata
+        .name
+        .as_deref()
+        .ok_or_else(|| field_err("metadata.name", "required"))?;
+    if !is_dns_subdomain(name) {
+        return Err(field_err(
+            "metadata.name",
+            format!("{name:?} is not a valid name (lowercase letters, digits, '-' and '.')"),
+        ));
+    }
+    let namespace = pod
+        .metadata
+        .namespace
+        .get_or_insert_with(|| "default".into());
+    if !is_dns_label(namespace) {
+        return Err(field_err(
+            "metadata.namespace",
+            format!("{namespace:?} is not a valid namespace"),
+        ));
+    }
+    let spec = pod
+        .spec
+        .as_mut()
+        .ok_or_else(|| field_err("spec", "required"))?;
+    let policy = spec.restart_policy.get_or_insert_with(|| "Always".into());
+    if !RESTART_POLICIES.contains(&policy.as_str()) {
+        return Err(field_err(
+            "spec.restartPolicy",
+            format!("unsupported value {policy:?}: expected one of Always, OnFailure, Never"),
+        ));
+    }
+    let grace = spec.termination_grace_period_seconds.get_or_insert(30);
+    if *grace < 0 {
+        return Err(field_err(
+            "spec.terminationGracePeriodSeconds",
+            "must not be negative",
+        ));
+    }
+    if spec.init_containers.as_ref().is_some_and(|c| !c.is_empty()) {
+        return Err(field_err("spec.initContainers", "not supported yet"));
+    }
+    if spec
+        .ephemeral_containers
+        .as_ref()
+        .is_some_and(|c| !c.is_empty())
+    {
+        return Err(field_err("spec.ephemeralContainers", "not supported"));
+    }
+    if spec.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(field_err("spec.volumes", "not supported yet"));
+    }
+    if spec.containers.is_empty() {
+        return Err(field_err(
+            "spec.containers",
+            "at least one container is required",
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut host_ports = HashSet::new();
+    for (i, container) in spec.containers.iter_mut().enumerate() {
+        let at = |field: &str| format!("spec.containers[{i}].{field}");
+        validate_container(container, &at)?;
+        if !names.insert(container.name.clone()) {
+            return Err(field_err(
+                at("name"),
+                format!("duplicate container name {:?}", container.name),
+            ));
+        }
+        for (j, port) in container.ports.iter().flatten().enumerate() {
+            if let Some(host_port) = port.host_port
+                && !host_ports.insert(host_port)
+            {
+                return Err(field_err(
+                    at(&format!("ports[{j}].hostPort")),
+                    format!("host port {host_port} is used twice in this pod"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_container(
+    container: &mut Container,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(), FieldError> {
+    if !is_dns_label(&container.name) {
+        return Err(field_err(
+            at("name"),
+            format!("{:?} is not a valid container name", container.name),
+        ));
+    }
+    match container.image.as_deref() {
+        None => return Err(field_err(at("image"), "required")),
+        Some(image) if image.trim().is_empty() => {
+            return Err(field_err(at("image"), "must not be empty"));
+        }
+        Some(_) => {}
+    }
+    let image = container.image.clone().unwrap_or_default();
+    let pull_policy = container.image_pull_policy.get_or_insert_with(|| {
+        // Kubernetes' default: Always for `:latest` or untagged, IfNotPresent otherwise.
+        let untagged = !image.contains('@')
+            && image
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| !last.contains(':'));
+        if image.ends_with(":latest") || (untagged && !image.starts_with("oci:")) {
+            "Always".into()
+        } else {
+            "IfNotPresent".into()
+        }
+    });
+    if !PULL_POLICIES.contains(&pull_policy.as_str()) {
+        return Err(field_err(
+            at("imagePullPolicy"),
+            format!("unsupported value {pull_policy:?}: expected Always, IfNotPresent or Never"),
+        ));
+    }
+    for (j, port) in container.ports.iter().flatten().enumerate() {
+        let field = |f: &str| at(&format!("ports[{j}].{f}"));
+        if !(1..=65535).contains(&port.container_port) {
+            return Err(field_err(
+                field("containerPort"),
+                "must be between 1 and 65535",
+            ));
+        }
+        if let Some(host_port) = port.host_port
+            && !(1..=65535).contains(&host_port)
+        {
+            return Err(field_err(field("hostPort"), "must be between 1 and 65535"));
+        }
+        if let Some(protocol) = port.protocol.as_deref()
+            && protocol != "TCP"
+        {
+            return Err(field_err(
+                field("protocol"),
+                format!("unsupported value {protocol:?}: wasm services speak HTTP over TCP"),
+            ));
+        }
+        if let Some(ip) = port.host_ip.as_deref()
+            && ip.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(field_err(
+                field("hostIP"),
+                format!("{ip:?} is not an IP address"),
+            ));
+        }
+    }
+    if let Some(resources) = &container.resources {
+        for (kind, list) in [
+            ("limits", &resources.limits),
+            ("requests", &resources.requests),
+        ] {
+            if let Some(memory) = list.as_ref().and_then(|l| l.get("memory")) {
+                parse_bytes(&memory.0).map_err(|e| {
+                    field_err(at(&format!("resources.{kind}.memory")), e.to_string())
+                })?;
+            }
+        }
+    }
+    for (j, env) in container.env.iter().flatten().enumerate() {
+        let field = |f: &str| at(&format!("env[{j}].{f}"));
+        if env.name.is_empty() || env.name.contains('=') {
+            return Err(field_err(
+                field("name"),
+                format!("invalid name {:?}", env.name),
+            ));
+        }
+        if let Some(from) = &env.value_from {
+            match &from.field_ref {
+                Some(r) if SUPPORTED_FIELD_REFS.contains(&r.field_path.as_str()) => {}
+                Some(r) => {
+                    return Err(field_err(
+                        field("valueFrom.fieldRef.fieldPath"),
+                        format!(
+                            "unsupported value {:?}: expected one of {}",
+                            r.field_path,
+                            SUPPORTED_FIELD_REFS.join(", ")
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(field_err(
+                        field("valueFrom"),
+                        "only fieldRef is supported yet",
+                    ));
+                }
+            }
+        }
+    }
+    if container.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
+        return Err(field_err(at("envFrom"), "not supported yet"));
+    }
+    if container
+        .volume_mounts
+        .as_ref()
+        .is_some_and(|m| !m.is_empty())
+    {
+        return Err(field_err(at("volumeMounts"), "not supported yet"));
+    }
+    for (name, probe) in [
+        ("readinessProbe", &container.readiness_probe),
+        ("livenessProbe", &container.liveness_probe),
+        ("startupProbe", &container.startup_probe),
+    ] {
+        if let Some(probe) = probe {
+            validate_probe(probe, container, &|f: &str| at(&format!("{name}.{f}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_probe(
+    probe: &Probe,
+    container: &Container,
+    at: &dyn Fn(&str) -> String,
+) -> Result<(), FieldError> {
+    if probe.exec.is_some() || probe.tcp_socket.is_some() || probe.grpc.is_some() {
+        return Err(field_err(
+            at(""),
+            "only httpGet probes are supported for wasm containers",
+        ));
+    }
+    let Some(http) = &probe.http_get else {
+        return Err(field_err(at("httpGet"), "required"));
+    };
+    if let IntOrString::String(name) = &http.port
+        && !container
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some(name.as_str()))
+    {
+        return Err(field_err(
+            at("httpGet.port"),
+            format!("no container port is named {name:?}"),
+        ));
+    }
+    if let Some(scheme) = http.scheme.as_deref()
+        && scheme != "HTTP"
+    {
+        return Err(field_err(at("httpGet.scheme"), "only HTTP is supported"));
+    }
+    for (f, v) in [
+        ("periodSeconds", probe.period_seconds),
+        ("timeoutSeconds", probe.timeout_seconds),
+        ("failureThreshold", probe.failure_threshold),
+        ("successThreshold", probe.success_threshold),
+    ] {
+        if v.is_some_and(|v| v < 1) {
+            return Err(field_err(at(f), "must be at least 1"));
+        }
+    }
+    if probe.initial_delay_seconds.is_some_and(|v| v < 0) {
+        return Err(field_err(at("initialDelaySeconds"), "must not be negative"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: hello
+spec:
+  containers:
+  - name: hello
+    image: 127.0.0.1:5000/demo/hello:v1
+    ports:
+    - containerPort: 8080
+      hostPort: 18080
+    resources:
+      limits:
+        memory: 64Mi
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: job
+  namespace: batch
+spec:
+  restartPolicy: Never
+  containers:
+  - name: job
+    image: oci:/tmp/layout:job
+    args: ["--exit", "3"]
+"#;
+
+    fn error_of(text: &str) -> ManifestError {
+        match parse_manifests("pods.yaml", text) {
+            Ok(pods) => panic!("expected an error, got {} pods", pods.len()),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn parses_several_documents_and_fills_defaults() {
+        let pods = parse_manifests("pods.yaml", GOOD).expect("valid manifests");
+        assert_eq!(pods.len(), 2);
+        assert_eq!(pods[0].key(), "default/hello");
+        assert_eq!(pods[1].key(), "batch/job");
+        let spec = pods[0].pod.spec.as_ref().expect("spec");
+        assert_eq!(spec.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(spec.termination_grace_period_seconds, Some(30));
+        assert_eq!(
+            spec.containers[0].image_pull_policy.as_deref(),
+            Some("IfNotPresent")
+        );
+    }
+
+    #[test]
+    fn empty_documents_are_skipped() {
+        let pods = parse_manifests("x.yaml", "---\n---\n").expect("empty is fine");
+        assert!(pods.is_empty());
+    }
+
+    #[test]
+    fn yaml_syntax_error_names_file_and_document_and_yields_nothing() {
+        let text = format!("{GOOD}\n---\nkind: Pod\n  bad: [indent\n");
+        let e = error_of(&text);
+        assert_eq!(e.source_name, "pods.yaml");
+        assert_eq!(e.document, 3);
+        assert!(e.message.contains("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn wrong_field_type_names_the_field() {
+        let text = GOOD.replace("containerPort: 8080", "containerPort: eighty");
+        let e = error_of(&text);
+        assert_eq!(e.document, 1);
+        assert_eq!(
+            e.field.as_deref(),
+            Some("spec.containers[0].ports[0].containerPort")
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_refused_by_name() {
+        let text = GOOD.replace("    image: oci", "    imagee: x\n    image: oci");
+        let e = error_of(&text);
+        assert_eq!(e.document, 2);
+        assert_eq!(e.field.as_deref(), Some("spec.containers[0].imagee"));
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn missing_image_is_refused() {
+        let text = GOOD.replace("    image: 127.0.0.1:5000/demo/hello:v1\n", "");
+        let e = error_of(&text);
+        assert_eq!(e.field.as_deref(), Some("spec.containers[0].image"));
+    }
+
+    #[test]
+    fn unknown_enum_values_are_refused() {
+        let e = error_of(&GOOD.replace("restartPolicy: Never", "restartPolicy: Sometimes"));
+        assert_eq!(e.field.as_deref(), Some("spec.restartPolicy"));
+        let e = error_of(&GOOD.replace("hostPort: 18080", "hostPort: 18080\n      protocol: UDP"));
+        assert_eq!(
+            e.field.as_deref(),
+            Some("spec.containers[0].ports[0].protocol")
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let cases = [
+            ("name: hello", "name: Hello_World", "metadata.name"),
+            (
+                "memory: 64Mi",
+                "memory: lots",
+                "spec.containers[0].resources.limits.memory",
+            ),
+            (
+                "hostPort: 18080",
+                "hostPort: 70000",
+                "spec.containers[0].ports[0].hostPort",
+            ),
+            (
+                "kind: Pod\nmetadata:\n  name: hello",
+                "kind: Deployment\nmetadata:\n  name: hello",
+                "kind",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let e = error_of(&GOOD.replacen(from, to, 1));
+            assert_eq!(e.field.as_deref(), Some(field), "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_pods_in_one_file_are_refused() {
+        let one = GOOD.split("---").next().unwrap_or_default();
+        let e = error_of(&format!("{one}\n---\n{one}"));
+        assert!(e.message.contains("defined twice"), "{e}");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let inputs = [
+            "\u{0}\u{1}\u{2}",
+            "[]",
+            "42",
+            "\"text\"",
+            "{kind: Pod}",
+            "kind: Pod\napiVersion: v1",
+            "kind: Pod\napiVersion: v1\nspec: 5",
+            "&a [*a]",
+            "{{{{",
+            "- - - -",
+            "kind: Pod\napiVersion: v1\nmetadata: {name: a}\nspec: {containers: [{}]}",
+        ];
+        for input in inputs {
+            assert!(
+                parse_manifests("g.yaml", input).is_err(),
+                "{input:?} should be refused"
+            );
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! `brink get` and `brink logs`: clients of a node's kubelet endpoint, printing what
+//! kubectl prints.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::table;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    Wide,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Resource {
+    #[value(alias = "pod", alias = "po")]
+    Pods,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// What to list.
+    resource: Resource,
+    /// Only this pod.
+    name: Option<String>,
+    /// The node's kubelet endpoint.
+    #[arg(long, default_value = "127.0.0.1:10250", env = "BRINK_NODE")]
+    node: SocketAddr,
+    /// Namespace to list.
+    #[arg(short, long, default_value = "default")]
+    namespace: String,
+    /// List every namespace.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    /// Output format.
+    #[arg(short, long)]
+    output: Option<Output>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The pod.
+    pod: String,
+    /// The container (may be left out when the pod has one).
+    #[arg(short, long)]
+    container: Option<String>,
+    #[arg(short, long, default_value = "default")]
+    namespace: String,
+    /// The node's kubelet endpoint.
+    #[arg(long, default_value = "127.0.0.1:10250", env = "BRINK_NODE")]
+    node: SocketAddr,
+    /// Only the last N lines.
+    #[arg(long)]
+    tail: Option<u64>,
+    /// Prefix each line with its timestamp.
+    #[arg(long)]
+    timestamps: bool,
+    /// Keep streaming new lines.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn fetch(
+    node: SocketAddr,
+    path: &str,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    let uri: hyper::Uri = format!("http://{node}{path}")
+        .parse()
+        .context("request URI")?;
+    let response = client()
+        .get(uri)
+        .await
+        .with_context(|| format!("cannot reach the node at {node} (is `brink node` running?)"))?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v.get("message")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        anyhow::bail!("{status}: {}", message.trim());
+    }
+    Ok(response)
+}
+
+async fn fetch_pods(node: SocketAddr) -> anyhow::Result<Vec<Pod>> {
+    let body = fetch(node, "/pods")
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
+    let list: serde_json::Value =
+        serde_json::from_slice(&body).context("the node sent an invalid PodList")?;
+    let items = list.get("items").cloned().unwrap_or_default();
+    serde_json::from_value(items).context("the node sent an invalid PodList")
+}
+
+pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+    let Resource::Pods = args.resource;
+    let mut pods: Vec<Pod> = fetch_pods(args.node)
+        .await?
+        .into_iter()
+        .filter(|p| {
+            args.all_namespaces || p.metadata.namespace.as_deref() == Some(args.namespace.as_str())
+        })
+        .filter(|p| args.name.is_none() || p.metadata.name == args.name)
+        .collect();
+    if let Some(name) = &args.name
+        && pods.is_empty()
+    {
+        anyhow::bail!("pods {name:?} not found in namespace {}", args.namespace);
+    }
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Some(Output::Json) => {
+            let value = single_or_list(&mut pods);
+            writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        }
+        Some(Output::Yaml) => {
+            let value = single_or_list(&mut pods);
+            write!(out, "{}", serde_yaml::to_string(&value)?)?;
+        }
+        wide => {
+            if pods.is_empty() {
+                eprintln!("No resources found in {} namespace.", args.namespace);
+                return Ok(());
+            }
+            let wide = matches!(wide, Some(Output::Wide));
+            write!(out, "{}", table::pods(&pods, wide, args.all_namespaces))?;
+        }
+    }
+    Ok(())
+}
+
+fn single_or_list(pods: &mut Vec<Pod>) -> serde_json::Value {
+    if pods.len() == 1 {
+        let pod = pods.remove(0);
+        let mut value = serde_json::to_value(&pod).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.insert("apiVersion".into(), "v1".into());
+            map.insert("kind".into(), "Pod".into());
+        }
+        value
+    } else {
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": pods})
+    }
+}
+
+pub async fn logs(args: LogsArgs) -> anyhow::Result<()> {
+    let container = match args.container {
+        Some(c) => c,
+        None => {
+            let pods = fetch_pods(args.node).await?;
+            let pod = pods
+                .iter()
+                .find(|p| {
+                    p.metadata.name.as_deref() == Some(args.pod.as_str())
+                        && p.metadata.namespace.as_deref() == Some(args.namespace.as_str())
+                })
+                .with_context(|| {
+                    format!(
+                        "pods {:?} not found in namespace {}",
+                        args.pod, args.namespace
+                    )
+                })?;
+            let names: Vec<String> = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+                .collect();
+            match names.as_slice() {
+                [one] => one.clone(),
+                _ => anyhow::bail!(
+                    "pod {} has several containers; choose one with -c: {}",
+                    args.pod,
+                    names.join(", ")
+                ),
+            }
+        }
+    };
+    let mut path = format!(
+        "/containerLogs/{}/{}/{container}?timestamps={}&follow={}",
+        args.namespace, args.pod, args.timestamps, args.follow
+    );
+    if let Some(tail) = args.tail {
+        path.push_str(&format!("&tailLines={tail}"));
+    }
+    let mut body = fetch(args.node, &path).await?.into_body();
+    let mut out = std::io::stdout();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            out.write_all(&data)?;
+            out.flush()?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! `brink node` and `brink up`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use brink_node::source::ManifestDir;
+use brink_node::{Agent, NodeSettings};
+use clap::Args;
+
+/// Settings shared by `node` and `up`; each one is a `NodeSettings` field.
+#[derive(Debug, Args)]
+pub struct NodeFlags {
+    /// Where the node keeps its cache, compiled artifacts and logs.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Address of the kubelet-style endpoint (/healthz, /pods, /containerLogs, /metrics).
+    #[arg(long, default_value = "127.0.0.1:10250")]
+    kubelet_addr: SocketAddr,
+    /// Address host ports bind to when a port names no hostIP.
+    #[arg(long, default_value = "0.0.0.0")]
+    host_port_address: IpAddr,
+    /// A registry (host:port) to reach over plain HTTP; loopback ones always are.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// How often the manifest directory is re-read.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    manifest_poll_interval: Duration,
+    /// How long one HTTP request may run in a guest before it gets a 504.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    request_deadline: Duration,
+    /// Resolution of the guest CPU deadline.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10ms")]
+    epoch_tick: Duration,
+    /// Guest instances alive at once (pooling allocator slots).
+    #[arg(long, default_value_t = 1000)]
+    max_instances: u32,
+    /// Largest linear memory of one guest, in bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    max_guest_memory: u64,
+    /// Memory cap of containers without resources.limits.memory, in bytes.
+    #[arg(long, default_value_t = 256 << 20)]
+    default_guest_memory: u64,
+    /// First wait after a failed pull (doubles up to --backoff-max).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    image_pull_backoff: Duration,
+    /// First wait before restarting a crashed container (doubles up to --backoff-max).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    crash_loop_backoff: Duration,
+    /// Ceiling of both back-offs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    backoff_max: Duration,
+    /// Rotate a container log past this many bytes.
+    #[arg(long, default_value_t = 10 << 20)]
+    log_max_file_bytes: u64,
+    /// Log files kept per container.
+    #[arg(long, default_value_t = 5)]
+    log_max_files: usize,
+}
+
+impl NodeFlags {
+    fn settings(&self, default_dir: &str) -> anyhow::Result<NodeSettings> {
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| crate::default_data_dir(default_dir));
+        let mut s = NodeSettings::new(data_dir);
+        if let Some(name) = &self.node_name {
+            anyhow::ensure!(
+                brink_proto::manifest::is_dns_subdomain(name),
+                "--node-name {name:?} is not a valid node name"
+            );
+            s.node_name = name.clone();
+        }
+        anyhow::ensure!(self.max_instances > 0, "--max-instances must be at least 1");
+        anyhow::ensure!(!self.epoch_tick.is_zero(), "--epoch-tick must be positive");
+        anyhow::ensure!(self.log_max_files > 0, "--log-max-files must be at least 1");
+        anyhow::ensure!(
+            self.default_guest_memory <= self.max_guest_memory,
+            "--default-guest-memory must not exceed --max-guest-memory"
+        );
+        s.kubelet_addr = self.kubelet_addr;
+        s.host_port_address = self.host_port_address;
+        s.insecure_registries = self.insecure_registries.clone();
+        s.manifest_poll_interval = self.manifest_poll_interval;
+        s.request_deadline = self.request_deadline;
+        s.epoch_tick = self.epoch_tick;
+        s.max_instances = self.max_instances;
+        s.max_guest_memory = self.max_guest_memory;
+        s.default_guest_memory = self.default_guest_memory;
+        s.image_pull_backoff_initial = self.image_pull_backoff;
+        s.crash_loop_backoff_initial = self.crash_loop_backoff;
+        s.backoff_max = self.backoff_max;
+        s.log_max_file_bytes = self.log_max_file_bytes;
+        s.log_max_files = self.log_max_files;
+        Ok(s)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Run the Pod manifests in this directory, following changes to it.
+    #[arg(long)]
+    manifests: PathBuf,
+    #[command(flatten)]
+    flags: NodeFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Port the example hello app is served on.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    #[command(flatten)]
+    flags: NodeFlags,
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+async fn run_node(settings: NodeSettings, manifests: PathBuf) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        manifests.is_dir(),
+        "--manifests {}: not a directory",
+        manifests.display()
+    );
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("create {}", settings.data_dir.display()))?;
+    let poll = settings.manifest_poll_interval;
+    let agent = Agent::new(settings)?;
+    agent
+        .run(ManifestDir::new(manifests, poll), shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let settings = args.flags.settings("node")?;
+    run_node(settings, args.manifests).await
+}
+
+/// The hello example, built by build.rs and embedded so `brink up` needs nothing else.
+const HELLO_WASM: &[u8] = include_bytes!(concat!(env!("BRINK_EXAMPLES_DIR"), "/hello.wasm"));
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let mut settings = args.flags.settings("up")?;
+    if args.flags.host_port_address.is_unspecified() {
+        // A demo on one machine: keep it off the network unless asked.
+        settings.host_port_address = IpAddr::from([127, 0, 0, 1]);
+    }
+    let data = settings.data_dir.clone();
+    let layout = data.join("examples");
+    let manifests = data.join("manifests");
+    std::fs::create_dir_all(&manifests)
+        .with_context(|| format!("create {}", manifests.display()))?;
+    let layout_for_write = layout.clone();
+    tokio::task::spawn_blocking(move || {
+        brink_node::oci::layout::write_artifact(&layout_for_write, "hello", HELLO_WASM.to_vec())
+    })
+    .await??;
+    let manifest = format!(
+        "# Written by `brink up` on every start; put your own manifests beside it.\n\
+         apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\n  labels:\n    app: hello\nspec:\n  containers:\n  - name: hello\n    image: oci:{}:hello\n    env:\n    - name: GREETING\n      value: Hello\n    - name: POD_NAME\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.name\n    ports:\n    - containerPort: 8080\n      hostPort: {}\n    readinessProbe:\n      httpGet:\n        path: /\n        port: 8080\n      periodSeconds: 5\n",
+        layout.display(),
+        args.port
+    );
+    std::fs::write(manifests.join("hello.yaml"), manifest)
+        .with_context(|| format!("write {}", manifests.join("hello.yaml").display()))?;
+    let host = settings.host_port_address;
+    eprintln!(
+        "brink up: serving the hello app; try:\n\n    curl http://{host}:{}/\n",
+        args.port
+    );
+    eprintln!(
+        "pods:     brink get pods --node {}\nmanifests: {}\nstop:     Ctrl-C\n",
+        settings.kubelet_addr,
+        manifests.display()
+    );
+    run_node(settings, manifests).await
+}

@@ -1,0 +1,120 @@
+//! kubectl-style tables.
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+
+/// kubectl's STATUS column: a waiting or terminated container's reason wins over the phase.
+pub fn pod_status(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    let mut reason = status
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Unknown".into());
+    if let Some(r) = status.and_then(|s| s.reason.clone()) {
+        reason = r;
+    }
+    let mut running = false;
+    for c in status
+        .and_then(|s| s.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .rev()
+    {
+        let Some(state) = &c.state else { continue };
+        if let Some(w) = state
+            .waiting
+            .as_ref()
+            .and_then(|w| w.reason.clone())
+            .filter(|r| !r.is_empty())
+        {
+            reason = w;
+        } else if let Some(t) = &state.terminated {
+            reason = t
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("ExitCode:{}", t.exit_code));
+        } else if state.running.is_some() && c.ready {
+            running = true;
+        }
+    }
+    if reason == "Completed" && running {
+        reason = "Running".into();
+    }
+    reason
+}
+
+/// `5s`, `3m`, `2h`, `4d`, as kubectl prints ages.
+pub fn age(since: Option<Timestamp>) -> String {
+    let Some(since) = since else {
+        return "<unknown>".into();
+    };
+    let secs = Timestamp::now()
+        .as_second()
+        .saturating_sub(since.as_second())
+        .max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// The pod table, kubectl's columns.
+pub fn pods(pods: &[Pod], wide: bool, with_namespace: bool) -> String {
+    let mut rows = Vec::new();
+    let mut header = vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"];
+    if with_namespace {
+        header.insert(0, "NAMESPACE");
+    }
+    if wide {
+        header.extend(["IP", "NODE"]);
+    }
+    rows.push(header.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    for pod in pods {
+        let status = pod.status.as_ref();
+        let statuses = status
+            .and_then(|s| s.container_statuses.clone())
+            .unwrap_or_default();
+        let total = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+        let ready = statuses.iter().filter(|c| c.ready).count();
+        let restarts: i32 = statuses.iter().map(|c| c.restart_count).sum();
+        let mut row = vec![
+            pod.metadata.name.clone().unwrap_or_default(),
+            format!("{ready}/{total}"),
+            pod_status(pod),
+            restarts.to_string(),
+            age(status.and_then(|s| s.start_time.as_ref()).map(|t| t.0)),
+        ];
+        if with_namespace {
+            row.insert(0, pod.metadata.namespace.clone().unwrap_or_default());
+        }
+        if wide {
+            row.push(
+                status
+                    .and_then(|s| s.host_ip.clone())
+                    .unwrap_or_else(|| "<none>".into()),
+            );
+            row.push(
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_else(|| "<none>".into()),
+            );
+        }
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
