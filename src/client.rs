@@ -139,11 +139,11 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match args.output {
         Some(Output::Json) => {
-            let value = single_or_list(&mut pods);
+            let value = single_or_list(&mut pods, args.name.is_some());
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         }
         Some(Output::Yaml) => {
-            let value = single_or_list(&mut pods);
+            let value = single_or_list(&mut pods, args.name.is_some());
             write!(out, "{}", serde_yaml::to_string(&value)?)?;
         }
         wide => {
@@ -158,8 +158,9 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn single_or_list(pods: &mut Vec<Pod>) -> serde_json::Value {
-    if pods.len() == 1 {
+/// One named pod prints as a Pod, anything else as a List, as kubectl does.
+fn single_or_list(pods: &mut Vec<Pod>, named: bool) -> serde_json::Value {
+    if named && pods.len() == 1 {
         let pod = pods.remove(0);
         let mut value = serde_json::to_value(&pod).unwrap_or_default();
         if let Some(map) = value.as_object_mut() {

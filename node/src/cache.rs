@@ -6,14 +6,14 @@
 //! It does not know about registries (see [`crate::oci`]) nor about compiled code (see
 //! [`crate::runtime`]).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use tokio::io::AsyncWriteExt;
 
+use crate::keyed_lock::KeyedLocks;
 use crate::metrics::Metrics;
 use crate::oci::{OciError, validate_digest};
 
@@ -42,7 +42,7 @@ pub struct BlobCache {
     root: PathBuf,
     db: sled::Db,
     metrics: Arc<Metrics>,
-    in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    in_flight: KeyedLocks,
 }
 
 /// How a blob came to be in the cache.
@@ -75,7 +75,7 @@ impl BlobCache {
             root: root.to_path_buf(),
             db,
             metrics,
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: KeyedLocks::default(),
         })
     }
 
@@ -184,15 +184,9 @@ impl BlobCache {
         Fut: std::future::Future<Output = Result<BlobSink, OciError>>,
     {
         let final_path = self.blob_path(digest)?;
-        let lock = {
-            let mut map = self
-                .in_flight
-                .lock()
-                .map_err(|_| OciError::BadArtifact("cache lock poisoned".into()))?;
-            map.entry(digest.to_string()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
-        let result = async {
+        // Concurrent pulls of one digest: the first downloads, the rest find it cached.
+        let _guard = self.in_flight.lock(digest).await;
+        async {
             if self.verify(digest, size).await? {
                 Metrics::inc(&self.metrics.blob_cache_hits);
                 return Ok(BlobSource::Cached);
@@ -257,14 +251,7 @@ impl BlobCache {
                 }
             }
         }
-        .await;
-        if let Ok(mut map) = self.in_flight.lock() {
-            // Drop the entry when no one else holds it (2 = map + us).
-            if map.get(digest).is_some_and(|l| Arc::strong_count(l) <= 2) {
-                map.remove(digest);
-            }
-        }
-        result
+        .await
     }
 }
 

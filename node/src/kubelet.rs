@@ -147,46 +147,64 @@ async fn container_logs(
     if !follow {
         return ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], first).into_response();
     }
-    // Follow: start from the end of the current file and send what is appended, until the
-    // pod is gone.
+    // Follow: send what is appended to the current file until the container is done for
+    // good (or the pod is gone), as `kubectl logs -f` does.
     let offset = tokio::fs::metadata(&path)
         .await
         .map(|m| m.len())
         .unwrap_or(0);
-    let poll = agent.ctx.settings.log_follow_poll;
-    let uid = record.pod.metadata.uid.clone();
-    let state = (Some(first), offset, path, agent, key, uid);
-    let stream = futures::stream::unfold(
-        state,
-        move |(first, offset, path, agent, key, uid)| async move {
-            if let Some(first) = first {
-                return Some((
-                    Ok::<_, std::io::Error>(first),
-                    (None, offset, path, agent, key, uid),
-                ));
-            }
-            let mut offset = offset;
-            loop {
-                let still_there = agent.pod(&key).is_some_and(|r| r.pod.metadata.uid == uid);
-                let read_path = path.clone();
-                let read =
-                    tokio::task::spawn_blocking(move || logs::read_from(&read_path, offset)).await;
-                if let Ok(Ok((lines, next))) = read {
-                    offset = next;
-                    if !lines.is_empty() {
-                        let text: String = lines.iter().map(|l| l.render(timestamps)).collect();
-                        return Some((Ok(text), (None, offset, path, agent, key, uid)));
-                    }
+    let follower = Follower {
+        first: Some(first),
+        offset,
+        path,
+        agent,
+        key,
+        uid: record.pod.metadata.uid.clone(),
+        container,
+        timestamps,
+    };
+    let stream = futures::stream::unfold(follower, |mut f| async move {
+        if let Some(first) = f.first.take() {
+            return Some((Ok::<_, std::io::Error>(first), f));
+        }
+        loop {
+            let running = f.agent.pod(&f.key).is_some_and(|r| {
+                r.pod.metadata.uid == f.uid
+                    && r.containers
+                        .iter()
+                        .any(|c| c.name == f.container && !c.finished)
+            });
+            let read_path = f.path.clone();
+            let offset = f.offset;
+            let read =
+                tokio::task::spawn_blocking(move || logs::read_from(&read_path, offset)).await;
+            if let Ok(Ok((lines, next))) = read {
+                f.offset = next;
+                if !lines.is_empty() {
+                    let text: String = lines.iter().map(|l| l.render(f.timestamps)).collect();
+                    return Some((Ok(text), f));
                 }
-                if !still_there {
-                    return None;
-                }
-                tokio::time::sleep(poll).await;
             }
-        },
-    );
+            if !running {
+                return None;
+            }
+            tokio::time::sleep(f.agent.ctx.settings.log_follow_poll).await;
+        }
+    });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// State of one `follow=true` log stream.
+struct Follower {
+    first: Option<String>,
+    offset: u64,
+    path: std::path::PathBuf,
+    agent: Arc<Agent>,
+    key: String,
+    uid: Option<String>,
+    container: String,
+    timestamps: bool,
 }

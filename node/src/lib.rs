@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cache;
 pub mod hostport;
 pub mod images;
+pub mod keyed_lock;
 pub mod kubelet;
 pub mod logs;
 pub mod metrics;

@@ -163,7 +163,12 @@ fn parse_pod_value(value: serde_yaml::Value) -> Result<Pod, FieldError> {
 /// `spec.containers.0.image` → `spec.containers[0].image`, as kubectl prints paths.
 fn bracket_indices(path: &str) -> String {
     let mut out = String::with_capacity(path.len() + 4);
-    for (i, segment) in path.split('.').enumerate() {
+    // serde_ignored writes `?` for the Option and newtype layers of a path.
+    let segments = path
+        .split('.')
+        .map(|s| s.trim_start_matches('?'))
+        .filter(|s| !s.is_empty());
+    for (i, segment) in segments.enumerate() {
         if segment.chars().all(|c| c.is_ascii_digit()) && !segment.is_empty() {
             out.push('[');
             out.push_str(segment);
@@ -175,7 +180,7 @@ fn bracket_indices(path: &str) -> String {
             out.push_str(segment);
         }
     }
-    if out == "?" { String::new() } else { out }
+    out
 }
 
 /// A DNS-1123 label: what Kubernetes requires of namespaces and container names.

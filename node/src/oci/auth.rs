@@ -66,7 +66,11 @@ pub fn credentials_from_file(path: &Path, registry: &str) -> Result<RegistryAuth
 }
 
 fn credentials_from_text(text: &str, registry: &str) -> Result<RegistryAuth, String> {
-    let config: DockerConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if !value.is_object() {
+        return Err("expected a JSON object".into());
+    }
+    let config: DockerConfig = serde_json::from_value(value).map_err(|e| e.to_string())?;
     let wanted = normalize(registry);
     let entry = config
         .auths

@@ -53,10 +53,17 @@ impl RegistryClient {
 
     fn map_err(reference: &Reference, e: OciDistributionError) -> OciError {
         let message = e.to_string();
+        let lower = message.to_ascii_lowercase();
         let not_found = matches!(e, OciDistributionError::ImageManifestNotFoundError(_))
-            || message.contains("MANIFEST_UNKNOWN")
-            || message.contains("NAME_UNKNOWN")
-            || message.contains("404");
+            || [
+                "manifest unknown",
+                "name unknown",
+                "manifest_unknown",
+                "name_unknown",
+                "not found",
+            ]
+            .iter()
+            .any(|m| lower.contains(m));
         if not_found {
             OciError::NotFound {
                 reference: reference.whole(),

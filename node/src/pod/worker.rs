@@ -203,7 +203,12 @@ impl Worker {
         }
     }
 
-    fn guest_context(&self, container: &Container, log: Arc<ContainerLog>) -> GuestContext {
+    fn guest_context(
+        &self,
+        container: &Container,
+        memory_limit: u64,
+        log: Arc<ContainerLog>,
+    ) -> GuestContext {
         let pod = self.pod();
         let mut args: Vec<String> = container
             .command
@@ -239,13 +244,6 @@ impl Worker {
                 (e.name.clone(), value)
             })
             .collect();
-        let memory_limit = container
-            .resources
-            .as_ref()
-            .and_then(|r| r.limits.as_ref())
-            .and_then(|l| l.get("memory"))
-            .and_then(|q| brink_proto::parse_bytes(&q.0).ok())
-            .unwrap_or(self.ctx.settings.default_guest_memory);
         GuestContext {
             args,
             env,
@@ -260,7 +258,7 @@ impl Worker {
         let mut apps = Vec::with_capacity(containers.len());
         for (container, image) in containers.into_iter().zip(images) {
             let prepared = async {
-                let memory_limit_ok = self.guest_context_limit_ok(&container)?;
+                let memory_limit = self.memory_limit(&container)?;
                 let log = self
                     .ctx
                     .container_log(&self.pod(), &container.name)
@@ -271,10 +269,9 @@ impl Worker {
                     .load(&image.layer_digest, &image.blob_path)
                     .await
                     .map_err(|e| e.to_string())?;
-                let _ = memory_limit_ok;
                 self.ctx
                     .runtime
-                    .prepare(&loaded, self.guest_context(&container, log))
+                    .prepare(&loaded, self.guest_context(&container, memory_limit, log))
                     .map_err(|e| e.to_string())
             }
             .await;
@@ -299,7 +296,9 @@ impl Worker {
         PodState::Running(apps)
     }
 
-    fn guest_context_limit_ok(&self, container: &Container) -> Result<(), String> {
+    /// The container's guest memory cap: its `resources.limits.memory`, or the node's
+    /// default; a limit above what the node's pool can give is refused.
+    fn memory_limit(&self, container: &Container) -> Result<u64, String> {
         let limit = container
             .resources
             .as_ref()
@@ -311,7 +310,8 @@ impl Worker {
                 "memory limit {l} bytes is above this node's largest guest memory ({} bytes)",
                 self.ctx.settings.max_guest_memory
             )),
-            _ => Ok(()),
+            Some(l) => Ok(l),
+            None => Ok(self.ctx.settings.default_guest_memory),
         }
     }
 

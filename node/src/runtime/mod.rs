@@ -111,6 +111,7 @@ pub struct Runtime {
     p1_linker: wasmtime::Linker<P1State>,
     compiled_dir: PathBuf,
     loaded: Mutex<HashMap<String, Loaded>>,
+    compiling: crate::keyed_lock::KeyedLocks,
     settings: NodeSettings,
     metrics: Arc<Metrics>,
     ticker_stop: Arc<AtomicBool>,
@@ -183,6 +184,7 @@ impl Runtime {
             p1_linker,
             compiled_dir,
             loaded: Mutex::new(HashMap::new()),
+            compiling: Default::default(),
             settings: settings.clone(),
             metrics,
             ticker_stop,
@@ -200,6 +202,8 @@ impl Runtime {
     /// Compiled code for `digest`, whose verified bytes are at `blob`: from memory, from the
     /// on-disk cache, or compiled now (off the async threads) and saved for next time.
     pub async fn load(self: &Arc<Self>, digest: &str, blob: &Path) -> Result<Loaded, RuntimeError> {
+        // Two pods of one digest starting together compile it once.
+        let _guard = self.compiling.lock(digest).await;
         if let Some(loaded) = self.loaded.lock().ok().and_then(|m| m.get(digest).cloned()) {
             Metrics::inc(&self.metrics.compile_cache_hits);
             return Ok(loaded);

@@ -1,0 +1,443 @@
+//! The end-to-end harness: a real `docker-registry` on a free loopback port, the real
+//! `brink` binary as a node with its own data and manifest directories, the wasm guests
+//! built from `examples/`, and a tiny HTTP client over real sockets.
+//!
+//! Every wait here is a hang guard with a generous limit, never a timing assertion.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long any single wait may take before the test gives up.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn brink_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_brink")
+}
+
+/// A wasm guest built from `examples/` (`hello`, `echo`, `job`, `faulty`, `p1-hello`).
+pub fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("BRINK_EXAMPLES_DIR")).join(format!("{name}.wasm"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Runs `brink ARGS` to completion.
+pub fn brink(args: &[&str]) -> Output {
+    Command::new(brink_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run brink")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after [`WAIT`].
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A response from [`http_get`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// A GET over a fresh TCP connection (HTTP/1.1, `Connection: close`, chunked bodies decoded).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&data[..pos]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
+        data = &data[pos + 2..];
+        if size == 0 || data.len() < size {
+            break;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = data.get(size + 2..).unwrap_or_default();
+    }
+    out
+}
+
+/// A real OCI registry (Debian's `docker-registry`) on a free loopback port.
+pub struct Registry {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("write registry config");
+        let binary = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("docker-registry is not installed: run scripts/test, which installs it (apt-get install docker-registry)");
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let registry = Registry {
+            addr,
+            child,
+            _dir: dir,
+        };
+        wait_for("the registry to answer /v2/", || {
+            http_get(addr, "/v2/")
+                .ok()
+                .filter(|r| r.status == 200)
+                .map(|_| ())
+        });
+        registry
+    }
+
+    /// `127.0.0.1:PORT/REPO`.
+    pub fn reference(&self, repo: &str) -> String {
+        format!("{}/{repo}", self.addr)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Pushes an example guest; returns the manifest digest brink printed.
+pub fn push(example_name: &str, reference: &str) -> String {
+    let file = example(example_name);
+    let out = brink(&["push", file.to_str().expect("utf-8 path"), reference]);
+    assert!(out.status.success(), "push failed: {}", stderr(&out));
+    let digest = stdout(&out).trim().to_string();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "push printed {digest:?}"
+    );
+    digest
+}
+
+/// A `brink node` process with its own directories.
+pub struct Node {
+    pub kubelet: SocketAddr,
+    pub data_dir: PathBuf,
+    pub manifests: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts a node with short back-offs and a 1 s request deadline, so the failure
+    /// paths are reached quickly.
+    pub fn start() -> Node {
+        Node::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("manifests dir");
+        let mut node = Node {
+            kubelet: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            data_dir: dir.path().join("data"),
+            manifests,
+            log_path: dir.path().join("node.log"),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: dir,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("node log");
+        let child = Command::new(brink_bin())
+            .arg("node")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--kubelet-addr", &self.kubelet.to_string()])
+            .args([
+                "--host-port-address",
+                "127.0.0.1",
+                "--node-name",
+                "test-node",
+            ])
+            .args([
+                "--manifest-poll-interval",
+                "100ms",
+                "--request-deadline",
+                "1s",
+            ])
+            .args([
+                "--image-pull-backoff",
+                "200ms",
+                "--crash-loop-backoff",
+                "200ms",
+                "--backoff-max",
+                "1s",
+            ])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start brink node");
+        self.child = Some(child);
+        let kubelet = self.kubelet;
+        wait_for("the node's /healthz", || {
+            http_get(kubelet, "/healthz")
+                .ok()
+                .filter(|r| r.status == 200)
+                .map(|_| ())
+        });
+    }
+
+    /// Stops the node with SIGTERM (graceful) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < WAIT {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// True while the node process is alive.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn write_manifest(&self, file: &str, text: &str) {
+        // Write then rename, so the node never reads half a file.
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, self.manifests.join(file)).expect("rename manifest");
+    }
+
+    pub fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.manifests.join(file)).expect("remove manifest");
+    }
+
+    pub fn get(&self, path: &str) -> HttpResponse {
+        http_get(self.kubelet, path).expect("kubelet endpoint")
+    }
+
+    pub fn pods(&self) -> Vec<Value> {
+        let response = self.get("/pods");
+        assert_eq!(response.status, 200);
+        let list: Value = serde_json::from_str(&response.body).expect("PodList JSON");
+        assert_eq!(list["kind"], "PodList");
+        list["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn pod(&self, name: &str) -> Option<Value> {
+        self.pods()
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == name)
+    }
+
+    /// Waits until `name` exists and `check` accepts it; returns it.
+    pub fn wait_pod(&self, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        wait_for(&format!("pod {name}: {what}"), || {
+            self.pod(name).filter(|p| check(p))
+        })
+    }
+
+    pub fn wait_phase(&self, name: &str, phase: &str) -> Value {
+        self.wait_pod(name, &format!("phase {phase}"), |p| {
+            p["status"]["phase"] == phase
+        })
+    }
+
+    pub fn wait_ready(&self, name: &str) -> Value {
+        self.wait_pod(name, "Ready", |p| {
+            p["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        })
+    }
+
+    pub fn wait_gone(&self, name: &str) {
+        wait_for(&format!("pod {name} to be gone"), || {
+            self.pod(name).is_none().then_some(())
+        });
+    }
+
+    /// One counter from `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.get("/metrics").body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+    }
+
+    /// Runs `brink ARGS --node <this node>`.
+    pub fn brink(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        let node = self.kubelet.to_string();
+        all.extend(["--node", &node]);
+        brink(&all)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The first container status of a pod.
+pub fn container_status(pod: &Value) -> &Value {
+    &pod["status"]["containerStatuses"][0]
+}
+
+/// A service pod manifest exposing `container_port` on `host_port`.
+pub fn service_pod(name: &str, image: &str, host_port: u16, env: &[(&str, &str)]) -> String {
+    let mut env_yaml = String::from(
+        "    env:\n    - name: POD_NAME\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.name\n    - name: POD_NAMESPACE\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.namespace\n",
+    );
+    for (k, v) in env {
+        env_yaml.push_str(&format!("    - name: {k}\n      value: \"{v}\"\n"));
+    }
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: {name}\n    image: {image}\n{env_yaml}    ports:\n    - containerPort: 8080\n      hostPort: {host_port}\n"
+    )
+}
+
+/// A job pod manifest running the `job` example (or another command image) with `args`.
+pub fn job_pod(name: &str, image: &str, restart_policy: &str, args: &[&str]) -> String {
+    let args = args
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: {restart_policy}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: {name}\n    image: {image}\n    args: [{args}]\n    env:\n    - name: POD_NAME\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.name\n"
+    )
+}
+
+/// Pushes an example guest into an OCI image layout under `dir`; returns `oci:DIR:TAG`.
+pub fn layout_image(dir: &Path, example_name: &str) -> String {
+    let reference = format!("oci:{}:{example_name}", dir.display());
+    push(example_name, &reference);
+    reference
+}
