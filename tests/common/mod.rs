@@ -310,6 +310,10 @@ impl Node {
         self.spawn();
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// True while the node process is alive.
     pub fn alive(&mut self) -> bool {
         self.child

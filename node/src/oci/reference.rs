@@ -77,8 +77,32 @@ impl FromStr for ImageRef {
             });
         }
         let reference = oci_client::Reference::from_str(s).map_err(|e| invalid(&e.to_string()))?;
+        if !valid_repository(reference.repository()) {
+            return Err(invalid(
+                "repository names are lowercase letters and digits, separated by '.', '_', '__', '-' or '/'",
+            ));
+        }
         Ok(ImageRef::Registry(reference))
     }
+}
+
+/// The distribution spec's repository grammar: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*` per
+/// path component.
+fn valid_repository(repository: &str) -> bool {
+    repository.split('/').all(|component| {
+        let bytes = component.as_bytes();
+        let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+        !bytes.is_empty()
+            && bytes.first().is_some_and(alnum)
+            && bytes.last().is_some_and(alnum)
+            && bytes
+                .iter()
+                .all(|b| alnum(b) || matches!(b, b'.' | b'_' | b'-'))
+            && !component.contains("..")
+            && !component.contains("___")
+            && !component.contains("._")
+            && !component.contains("_.")
+    })
 }
 
 fn valid_tag(tag: &str) -> bool {

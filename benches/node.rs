@@ -1,0 +1,344 @@
+//! Issue 2's benchmark: Brink beside its peer on this machine, in one run, with ratios.
+//!
+//!   cargo bench --bench node
+//!
+//! 1. Requests/s and p50/p99 of the hello component through Brink's host port and through
+//!    `wasmtime serve` (wasmtime-cli of the same wasmtime version, installed by this bench
+//!    under target/bench-tools), with the same `wrk` load.
+//! 2. Cold start, manifest written → first 200: with the artifact cached, and pulled from a
+//!    local registry (a 2 MB artifact: hello padded with a custom section).
+//! 3. The node's resident memory idle and with 100 idle hello pods.
+//!
+//! Figures go to stdout; nothing here passes or fails on a number.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WASMTIME_VERSION: &str = "48.0.8";
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn addr(port: u16) -> SocketAddr {
+    format!("127.0.0.1:{port}").parse().expect("addr")
+}
+
+/// wasmtime-cli of the engine's version, built once into target/bench-tools.
+fn wasmtime_cli() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-tools");
+    let bin = root.join("bin/wasmtime");
+    let current = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| stdout(&o));
+    if !current.is_some_and(|v| v.contains(WASMTIME_VERSION)) {
+        eprintln!("installing wasmtime-cli {WASMTIME_VERSION} (once; slow on 2 cores)…");
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "install",
+                "--locked",
+                "--version",
+                WASMTIME_VERSION,
+                "wasmtime-cli",
+                "--root",
+            ])
+            .arg(&root)
+            .status()
+            .expect("cargo install wasmtime-cli");
+        assert!(status.success(), "installing wasmtime-cli failed");
+    }
+    bin
+}
+
+struct Load {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn parse_latency(value: &str) -> f64 {
+    let value = value.trim();
+    let (number, unit) = value.split_at(
+        value
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(value.len()),
+    );
+    let n: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        _ => f64::NAN,
+    }
+}
+
+/// Runs wrk against `url` and reads requests/s and the p50/p99 latencies.
+fn wrk(url: &str, seconds: u32, connections: u32) -> Load {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk is not installed: apt-get install wrk");
+    let text = stdout(&out);
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if let Some(errors) = errors {
+        eprintln!("wrk reported: {errors}");
+    }
+    Load {
+        rps: field("Requests/sec:").parse().unwrap_or(f64::NAN),
+        p50_us: parse_latency(&field("50%")),
+        p99_us: parse_latency(&field("99%")),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// hello with a custom section appended, to make an artifact of about `size` bytes.
+fn padded_hello(dir: &Path, size: usize) -> PathBuf {
+    let mut wasm = std::fs::read(example("hello")).expect("hello.wasm");
+    let name = b"brink-bench-padding";
+    let payload_len = size.saturating_sub(wasm.len() + name.len() + 8);
+    let mut section = Vec::new();
+    let leb = |mut n: usize, out: &mut Vec<u8>| loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    };
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name);
+    body.extend(std::iter::repeat_n(0u8, payload_len));
+    section.push(0u8);
+    leb(body.len(), &mut section);
+    section.extend_from_slice(&body);
+    wasm.extend_from_slice(&section);
+    let path = dir.join("hello-2mb.wasm");
+    std::fs::write(&path, wasm).expect("write padded hello");
+    path
+}
+
+fn wait_200(port: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        if http_get(addr(port), "/").is_ok_and(|r| r.status == 200) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < WAIT, "no 200 on port {port}");
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Cold starts: writes a fresh pod per run and times manifest → first 200.
+fn cold_starts(
+    node: &Node,
+    image: &str,
+    runs: usize,
+    label: &str,
+    fresh_image: impl Fn(usize) -> String,
+) -> Vec<f64> {
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let port = free_port();
+        let name = format!("{label}-{i}");
+        let image = if image.is_empty() {
+            fresh_image(i)
+        } else {
+            image.to_string()
+        };
+        let start = Instant::now();
+        node.write_manifest(
+            &format!("{name}.yaml"),
+            &service_pod(&name, &image, port, &[]),
+        );
+        let _ = wait_200(port);
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        node.remove_manifest(&format!("{name}.yaml"));
+        node.wait_gone(&name);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times
+}
+
+fn main() {
+    let seconds: u32 = env_or("BENCH_SECONDS", 10);
+    let connections: u32 = env_or("BENCH_CONNECTIONS", 32);
+    let runs: usize = env_or("BENCH_COLD_RUNS", 20);
+    println!("# brink node benchmark (release build; wrk -t2 -c{connections} -d{seconds}s)\n");
+
+    // 1. Throughput: Brink's host port vs wasmtime serve.
+    let wasmtime = wasmtime_cli();
+    let layout = tempfile::tempdir().expect("tempdir");
+    let hello = layout_image(layout.path(), "hello");
+    let node = Node::start_with(&[
+        "--manifest-poll-interval",
+        "5ms",
+        "--request-deadline",
+        "10s",
+    ]);
+    let brink_port = free_port();
+    node.write_manifest("hello.yaml", &service_pod("hello", &hello, brink_port, &[]));
+    node.wait_ready("hello");
+    let _warm = wrk(&format!("http://127.0.0.1:{brink_port}/"), 2, connections);
+    let brink_load = wrk(
+        &format!("http://127.0.0.1:{brink_port}/"),
+        seconds,
+        connections,
+    );
+
+    let serve_port = free_port();
+    let mut serve = Command::new(&wasmtime)
+        .args([
+            "serve",
+            "-Scli",
+            "--addr",
+            &format!("127.0.0.1:{serve_port}"),
+        ])
+        .arg(example("hello"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wasmtime serve");
+    let _ = wait_200(serve_port);
+    let _warm = wrk(&format!("http://127.0.0.1:{serve_port}/"), 2, connections);
+    let peer = wrk(
+        &format!("http://127.0.0.1:{serve_port}/"),
+        seconds,
+        connections,
+    );
+    let _ = serve.kill();
+    let _ = serve.wait();
+
+    println!("## hello: requests through Brink's host port vs `wasmtime serve` {WASMTIME_VERSION}");
+    println!("| server | requests/s | p50 µs | p99 µs |\n|---|---|---|---|");
+    println!(
+        "| brink | {:.0} | {:.0} | {:.0} |",
+        brink_load.rps, brink_load.p50_us, brink_load.p99_us
+    );
+    println!(
+        "| wasmtime serve | {:.0} | {:.0} | {:.0} |",
+        peer.rps, peer.p50_us, peer.p99_us
+    );
+    println!(
+        "ratio brink/wasmtime: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x (goal: throughput >= 1.0x)\n",
+        brink_load.rps / peer.rps,
+        brink_load.p50_us / peer.p50_us,
+        brink_load.p99_us / peer.p99_us
+    );
+    node.remove_manifest("hello.yaml");
+    node.wait_gone("hello");
+
+    // 2. Cold start.
+    let cached = cold_starts(&node, &hello, runs, "cached", |_| String::new());
+    println!("## cold start, manifest written → first 200 ({runs} runs; manifest poll 5 ms)");
+    println!("| artifact | p50 ms | p99 ms | max ms |\n|---|---|---|---|");
+    println!(
+        "| cached (compiled in memory) | {:.1} | {:.1} | {:.1} |",
+        percentile(&cached, 0.5),
+        percentile(&cached, 0.99),
+        percentile(&cached, 1.0)
+    );
+    let registry = Registry::start();
+    let big = padded_hello(layout.path(), 2 << 20);
+    let pulled = cold_starts(&node, "", runs.min(10), "pulled", |i| {
+        let reference = format!("{}:v{i}", registry.reference("bench/hello2mb"));
+        // A distinct digest per run (the padding differs), so each run really downloads
+        // and compiles.
+        let mut bytes = std::fs::read(&big).expect("padded");
+        let last = bytes.len() - 1;
+        bytes[last] = i as u8;
+        let path = layout.path().join(format!("hello-2mb-{i}.wasm"));
+        std::fs::write(&path, bytes).expect("write");
+        let out = brink(&["push", path.to_str().expect("utf-8"), &reference]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        reference
+    });
+    println!(
+        "| 2 MB from the local registry (download + compile) | {:.1} | {:.1} | {:.1} |\n",
+        percentile(&pulled, 0.5),
+        percentile(&pulled, 0.99),
+        percentile(&pulled, 1.0)
+    );
+    println!("goals: cached p50 <= 20 ms, p99 <= 100 ms; pulled p50 <= 200 ms\n");
+
+    // 3. Memory.
+    drop(node);
+    let node = Node::start_with(&["--manifest-poll-interval", "100ms"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = node.pid().expect("node pid");
+    let idle = rss_kib(pid);
+    let mut manifests = String::new();
+    for i in 0..100 {
+        manifests.push_str(&service_pod(&format!("idle-{i}"), &hello, free_port(), &[]));
+        manifests.push_str("---\n");
+    }
+    node.write_manifest("hundred.yaml", &manifests);
+    wait_for("100 ready pods", || {
+        let ready = node
+            .pods()
+            .iter()
+            .filter(|p| {
+                p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+            .count();
+        (ready == 100).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded = rss_kib(pid);
+    println!("## node resident memory");
+    println!("| state | RSS MiB |\n|---|---|");
+    println!("| idle | {:.1} |", idle as f64 / 1024.0);
+    println!(
+        "| 100 idle hello pods | {:.1} (+{:.1}) |",
+        loaded as f64 / 1024.0,
+        (loaded.saturating_sub(idle)) as f64 / 1024.0
+    );
+    println!("goals: <= 20 MB idle, <= 50 MB more for 100 pods");
+}

@@ -1,0 +1,183 @@
+//! The CLI's bad-input paths: every one ends in a clear message and a non-zero exit, and
+//! changes nothing.
+
+mod common;
+
+use common::*;
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = brink(args);
+    assert!(
+        !out.status.success(),
+        "brink {args:?} should fail; stdout: {}",
+        stdout(&out)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains(needle),
+        "brink {args:?}: expected {needle:?} in:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "brink {args:?} panicked:\n{err}");
+}
+
+#[test]
+fn push_refuses_missing_files_garbage_and_bad_references() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"#!/bin/sh\necho not wasm\n").expect("write");
+    let garbage = garbage.to_str().expect("utf-8");
+    let layout = dir.path().join("layout");
+    let layout_ref = format!("oci:{}:v1", layout.display());
+
+    fails_with(
+        &["push", "/nonexistent/app.wasm", &layout_ref],
+        "/nonexistent/app.wasm",
+    );
+    fails_with(&["push", garbage, &layout_ref], "not a wasm binary");
+    assert!(
+        !layout.exists(),
+        "a refused push must not create the layout"
+    );
+    let hello = example("hello");
+    let hello = hello.to_str().expect("utf-8");
+    fails_with(
+        &["push", hello, "Not A Reference"],
+        "invalid image reference",
+    );
+    fails_with(
+        &[
+            "push",
+            hello,
+            &format!("oci:{}@sha256:{}", layout.display(), "a".repeat(64)),
+        ],
+        "takes a tag",
+    );
+}
+
+#[test]
+fn push_of_garbage_to_a_registry_leaves_it_empty() {
+    let registry = Registry::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm\x01\0\0\0\xff\xff\xff").expect("write");
+    let reference = format!("{}:v1", registry.reference("demo/garbage"));
+    fails_with(
+        &["push", garbage.to_str().expect("utf-8"), &reference],
+        "invalid wasm module",
+    );
+    let tags = http_get(registry.addr, "/v2/demo/garbage/tags/list").expect("registry");
+    assert_eq!(tags.status, 404, "nothing was published: {}", tags.body);
+}
+
+#[test]
+fn pull_reports_what_is_wrong() {
+    let registry = Registry::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf-8");
+    fails_with(
+        &[
+            "pull",
+            &format!("{}:v1", registry.reference("demo/nothing")),
+            "--data-dir",
+            data,
+        ],
+        "manifest unknown",
+    );
+    fails_with(
+        &["pull", "oci:/nonexistent/layout:v1", "--data-dir", data],
+        "index.json",
+    );
+    // Loopback only, even if the reference were (wrongly) accepted.
+    fails_with(
+        &[
+            "pull",
+            &format!("{}/UPPER/case", registry.addr),
+            "--data-dir",
+            data,
+        ],
+        "invalid image reference",
+    );
+}
+
+#[test]
+fn clients_explain_an_unreachable_node() {
+    let port = free_port();
+    fails_with(
+        &["get", "pods", "--node", &format!("127.0.0.1:{port}")],
+        "cannot reach the node",
+    );
+    fails_with(
+        &["logs", "x", "--node", &format!("127.0.0.1:{port}")],
+        "cannot reach the node",
+    );
+}
+
+#[test]
+fn node_refuses_bad_flags_before_doing_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8");
+    let manifests = dir.path().to_str().expect("utf-8");
+    fails_with(
+        &["node", "--manifests", "/nonexistent", "--data-dir", data],
+        "not a directory",
+    );
+    fails_with(
+        &[
+            "node",
+            "--manifests",
+            manifests,
+            "--data-dir",
+            data,
+            "--node-name",
+            "Bad_Name",
+        ],
+        "not a valid node name",
+    );
+    fails_with(
+        &[
+            "node",
+            "--manifests",
+            manifests,
+            "--data-dir",
+            data,
+            "--epoch-tick",
+            "0s",
+        ],
+        "--epoch-tick",
+    );
+    fails_with(
+        &[
+            "node",
+            "--manifests",
+            manifests,
+            "--data-dir",
+            data,
+            "--request-deadline",
+            "soon",
+        ],
+        "request-deadline",
+    );
+    fails_with(
+        &[
+            "node",
+            "--manifests",
+            manifests,
+            "--data-dir",
+            data,
+            "--max-instances",
+            "0",
+        ],
+        "--max-instances",
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "refused flags must not create state"
+    );
+}
+
+#[test]
+fn unbuilt_commands_say_so() {
+    fails_with(&["server", "--init"], "not implemented yet");
+    fails_with(&["chaos"], "not implemented yet");
+}
