@@ -262,6 +262,26 @@ fn manifest_directory_changes_start_restart_and_stop_pods() {
             .map(|_| ())
     });
 
+    // An edit that breaks the file changes nothing: the last good pod keeps serving, and
+    // the error is reported.
+    let serving = node.pod("web").expect("web");
+    node.write_manifest(
+        "hello.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web\n",
+    );
+    wait_for("the broken edit to be reported", || {
+        let v: serde_json::Value = serde_json::from_str(&node.get("/debug/manifests").body).ok()?;
+        v["errors"].as_array().filter(|e| !e.is_empty()).map(|_| ())
+    });
+    assert_eq!(
+        node.pod("web").expect("web")["metadata"]["uid"],
+        serving["metadata"]["uid"]
+    );
+    assert_eq!(
+        http_get(addr(port), "/").expect("curl").body,
+        "Hej from Brink! (pod web)\n"
+    );
+
     // A removed file stops its pod and closes its port.
     node.remove_manifest("hello.yaml");
     node.wait_gone("web");
@@ -687,4 +707,22 @@ fn brink_up_serves_the_embedded_hello_app() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(body, "Hello from Brink! (pod hello)\n");
+}
+
+#[test]
+fn a_failing_liveness_probe_restarts_the_container() {
+    let layout = tempfile::tempdir().expect("tempdir");
+    let faulty = layout_image(layout.path(), "faulty");
+    let node = Node::start();
+    let manifest = service_pod("sick", &faulty, free_port(), &[]).replace(
+        "    ports:\n",
+        "    livenessProbe:\n      httpGet:\n        path: /trap\n        port: 8080\n      periodSeconds: 1\n      failureThreshold: 2\n    ports:\n",
+    );
+    node.write_manifest("sick.yaml", &manifest);
+    let pod = node.wait_pod("sick", "a liveness restart", |p| {
+        container_status(p)["restartCount"].as_i64() >= Some(1)
+    });
+    let last = &container_status(&pod)["lastState"]["terminated"];
+    assert_eq!(last["message"], "Liveness probe failed");
+    assert!(node.metric("brink_container_restarts_total") >= 1);
 }
