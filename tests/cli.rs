@@ -122,54 +122,17 @@ fn node_refuses_bad_flags_before_doing_anything() {
         &["node", "--manifests", "/nonexistent", "--data-dir", data],
         "not a directory",
     );
-    fails_with(
-        &[
-            "node",
-            "--manifests",
-            manifests,
-            "--data-dir",
-            data,
-            "--node-name",
-            "Bad_Name",
-        ],
-        "not a valid node name",
-    );
-    fails_with(
-        &[
-            "node",
-            "--manifests",
-            manifests,
-            "--data-dir",
-            data,
-            "--epoch-tick",
-            "0s",
-        ],
-        "--epoch-tick",
-    );
-    fails_with(
-        &[
-            "node",
-            "--manifests",
-            manifests,
-            "--data-dir",
-            data,
-            "--request-deadline",
-            "soon",
-        ],
-        "request-deadline",
-    );
-    fails_with(
-        &[
-            "node",
-            "--manifests",
-            manifests,
-            "--data-dir",
-            data,
-            "--max-instances",
-            "0",
-        ],
-        "--max-instances",
-    );
+    let cases: [(&[&str], &str); 4] = [
+        (&["--node-name", "Bad_Name"], "not a valid node name"),
+        (&["--epoch-tick", "0s"], "--epoch-tick"),
+        (&["--request-deadline", "soon"], "request-deadline"),
+        (&["--max-instances", "0"], "--max-instances"),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec!["node", "--manifests", manifests, "--data-dir", data];
+        args.extend_from_slice(flags);
+        fails_with(&args, needle);
+    }
     assert!(
         !dir.path().join("data").exists(),
         "refused flags must not create state"

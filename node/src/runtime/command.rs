@@ -6,12 +6,11 @@ use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{InstancePre, Store, UpdateDeadline};
+use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
-use wasmtime_wasi::{I32Exit, WasiCtx};
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::{GuestContext, HostState, P1State, Runtime};
-use crate::logs::Stream;
 
 /// How a command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,11 +62,7 @@ impl CommandApp {
 
     /// Runs the command to its end. Cancel-safe: dropping the future stops the guest.
     pub async fn run(&self) -> ExitStatus {
-        let mut wasi = WasiCtx::builder();
-        wasi.args(&self.ctx.args)
-            .envs(&self.ctx.env)
-            .stdout(self.ctx.log.writer(Stream::Stdout))
-            .stderr(self.ctx.log.writer(Stream::Stderr));
+        let mut wasi = self.ctx.wasi();
         let limits = self.runtime.limits(self.ctx.memory_limit);
         let result = match &self.kind {
             Kind::Component(pre) => {

@@ -11,13 +11,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use wasmtime::Store;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpView};
 
 use super::{GuestContext, HostState, Runtime};
-use crate::logs::Stream;
 use crate::metrics::Metrics;
 
 /// The response body type of every guest response and every error the node makes.
@@ -92,11 +90,7 @@ impl HttpApp {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let internal = |e: wasmtime::Error| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
-        let mut wasi = WasiCtx::builder();
-        wasi.args(&self.ctx.args)
-            .envs(&self.ctx.env)
-            .stdout(self.ctx.log.writer(Stream::Stdout))
-            .stderr(self.ctx.log.writer(Stream::Stderr));
+        let mut wasi = self.ctx.wasi();
         let mut store = Store::new(
             self.runtime.engine(),
             HostState {

@@ -104,6 +104,19 @@ pub struct GuestContext {
     pub name: String,
 }
 
+impl GuestContext {
+    /// The WASI context every instance of this container starts from: its argv, its
+    /// environment, and stdout/stderr into its log.
+    pub(crate) fn wasi(&self) -> wasmtime_wasi::WasiCtxBuilder {
+        let mut wasi = WasiCtx::builder();
+        wasi.args(&self.args)
+            .envs(&self.env)
+            .stdout(self.log.writer(crate::logs::Stream::Stdout))
+            .stderr(self.log.writer(crate::logs::Stream::Stderr));
+        wasi
+    }
+}
+
 /// The node's wasm engine.
 pub struct Runtime {
     engine: Engine,
