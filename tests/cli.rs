@@ -144,3 +144,41 @@ fn unbuilt_commands_say_so() {
     fails_with(&["server", "--init"], "not implemented yet");
     fails_with(&["chaos"], "not implemented yet");
 }
+
+#[test]
+fn push_and_pull_use_docker_config_credentials() {
+    let registry = Registry::start_with_basic_auth("edge", "s3cret");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reference = format!("{}:v1", registry.reference("demo/private"));
+    let hello = example("hello");
+    let hello = hello.to_str().expect("utf-8");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8");
+
+    // Anonymous: refused by the registry, and said so.
+    let anonymous = brink(&["push", hello, &reference]);
+    assert!(!anonymous.status.success());
+    assert!(
+        stderr(&anonymous).to_lowercase().contains("unauthorized"),
+        "{}",
+        stderr(&anonymous)
+    );
+    // Wrong password: refused too.
+    let wrong = docker_config(&dir.path().join("wrong"), registry.addr, "edge", "guess");
+    let out = brink_with_env(
+        &["pull", &reference, "--data-dir", data],
+        &[("DOCKER_CONFIG", &wrong)],
+    );
+    assert!(!out.status.success());
+
+    let config = docker_config(dir.path(), registry.addr, "edge", "s3cret");
+    let pushed = brink_with_env(&["push", hello, &reference], &[("DOCKER_CONFIG", &config)]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    let digest = stdout(&pushed).trim().to_string();
+    let pulled = brink_with_env(
+        &["pull", &reference, "--data-dir", data],
+        &[("DOCKER_CONFIG", &config)],
+    );
+    assert!(pulled.status.success(), "{}", stderr(&pulled));
+    assert!(stdout(&pulled).contains(&digest), "{}", stdout(&pulled));
+}

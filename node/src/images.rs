@@ -110,10 +110,16 @@ impl ImageService {
         if policy == PullPolicy::Never {
             return Err(PullError::NeverPull(image.to_string()));
         }
-        let (manifest_bytes, manifest_digest) = match &reference {
-            ImageRef::Registry(r) => self.client(r).fetch_manifest(r).await?,
-            ImageRef::Layout { path, tag, digest } => {
-                let (path, tag, digest) = (path.clone(), tag.clone(), digest.clone());
+        // One client for the whole pull: it holds the registry's auth token once the
+        // manifest request has negotiated it, and the blob request needs the same.
+        let origin = match &reference {
+            ImageRef::Registry(r) => Origin::Registry(r, self.client(r)),
+            ImageRef::Layout { path, tag, digest } => Origin::Layout { path, tag, digest },
+        };
+        let (manifest_bytes, manifest_digest) = match &origin {
+            Origin::Registry(r, client) => client.fetch_manifest(r).await?,
+            Origin::Layout { path, tag, digest } => {
+                let (path, tag, digest) = (path.to_path_buf(), (*tag).clone(), (*digest).clone());
                 tokio::task::spawn_blocking(move || {
                     layout::resolve(&path, tag.as_deref(), digest.as_deref())
                 })
@@ -129,7 +135,7 @@ impl ImageService {
         let source = self
             .cache
             .ensure(&layer.digest, Some(size), |sink| {
-                self.fetch_layer(&reference, layer.clone(), sink, size, progress)
+                Self::fetch_layer(&origin, layer.clone(), sink, size, progress)
             })
             .await?;
         let record = ImageRecord {
@@ -169,8 +175,7 @@ impl ImageService {
     }
 
     async fn fetch_layer(
-        &self,
-        reference: &ImageRef,
+        origin: &Origin<'_>,
         layer: OciDescriptor,
         sink: BlobSink,
         size: u64,
@@ -181,11 +186,11 @@ impl ImageService {
             total: size,
             progress,
         };
-        match reference {
-            ImageRef::Registry(r) => {
-                self.client(r).fetch_blob(r, &layer, &mut writer).await?;
+        match origin {
+            Origin::Registry(r, client) => {
+                client.fetch_blob(r, &layer, &mut writer).await?;
             }
-            ImageRef::Layout { path, .. } => {
+            Origin::Layout { path, .. } => {
                 let source = layout::blob_path(path, &layer.digest)?;
                 let mut file = tokio::fs::File::open(&source)
                     .await
@@ -197,6 +202,16 @@ impl ImageService {
         }
         Ok(writer.inner)
     }
+}
+
+/// Where a pull's bytes come from.
+enum Origin<'a> {
+    Registry(&'a oci_client::Reference, RegistryClient),
+    Layout {
+        path: &'a std::path::Path,
+        tag: &'a Option<String>,
+        digest: &'a Option<String>,
+    },
 }
 
 struct ProgressWriter {

@@ -33,13 +33,35 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Runs `brink ARGS` to completion.
+/// Runs `brink ARGS` to completion, with no docker credentials unless a test gives some.
 pub fn brink(args: &[&str]) -> Output {
-    Command::new(brink_bin())
+    brink_with_env(args, &[])
+}
+
+pub fn brink_with_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut command = Command::new(brink_bin());
+    command
         .args(args)
         .env("RUST_LOG", "warn")
-        .output()
-        .expect("run brink")
+        .env("DOCKER_CONFIG", "/nonexistent");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run brink")
+}
+
+/// A docker config directory holding basic-auth credentials for `registry`.
+pub fn docker_config(dir: &Path, registry: SocketAddr, user: &str, password: &str) -> PathBuf {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let config = dir.join("docker");
+    std::fs::create_dir_all(&config).expect("docker config dir");
+    std::fs::write(
+        config.join("config.json"),
+        format!(r#"{{"auths": {{"{registry}": {{"auth": "{auth}"}}}}}}"#),
+    )
+    .expect("docker config");
+    config
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -134,14 +156,35 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_inner(None)
+    }
+
+    /// A registry that requires HTTP basic auth (htpasswd) for everything.
+    pub fn start_with_basic_auth(user: &str, password: &str) -> Registry {
+        Registry::start_inner(Some((user, password)))
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
+        let auth_config = match auth {
+            None => String::new(),
+            Some((user, password)) => {
+                let hash = bcrypt::hash(password, 4).expect("bcrypt");
+                let path = dir.path().join("htpasswd");
+                std::fs::write(&path, format!("{user}:{hash}\n")).expect("htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: brink-test\n    path: {}\n",
+                    path.display()
+                )
+            }
+        };
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_config}",
                 dir.path().join("data").display()
             ),
         )
@@ -150,24 +193,30 @@ impl Registry {
             .into_iter()
             .find(|p| Path::new(p).exists())
             .expect("docker-registry is not installed: run scripts/test, which installs it (apt-get install docker-registry)");
+        let log_path = dir.path().join("registry.log");
+        let log = std::fs::File::create(&log_path).expect("registry log");
         let child = Command::new(binary)
             .arg("serve")
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("start docker-registry");
-        let registry = Registry {
+        let mut registry = Registry {
             addr,
             child,
             _dir: dir,
         };
-        wait_for("the registry to answer /v2/", || {
-            http_get(addr, "/v2/")
-                .ok()
-                .filter(|r| r.status == 200)
-                .map(|_| ())
-        });
+        // With auth on, an anonymous /v2/ is a 401: that is the registry being up.
+        let expected = if auth.is_some() { 401 } else { 200 };
+        let start = Instant::now();
+        while !http_get(addr, "/v2/").is_ok_and(|r| r.status == expected) {
+            if start.elapsed() > WAIT || matches!(registry.child.try_wait(), Ok(Some(_))) {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                panic!("the registry did not come up; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         registry
     }
 
