@@ -11,7 +11,13 @@ use clap::{Parser, Subcommand};
 
 /// A mini kubelet for WebAssembly at the edge.
 #[derive(Debug, Parser)]
-#[command(name = "brink", version, about, propagate_version = true)]
+#[command(
+    name = "brink",
+    version,
+    about,
+    propagate_version = true,
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -726,3 +726,15 @@ fn a_failing_liveness_probe_restarts_the_container() {
     assert_eq!(last["message"], "Liveness probe failed");
     assert!(node.metric("brink_container_restarts_total") >= 1);
 }
+
+#[test]
+fn manifest_changes_are_seen_without_waiting_for_the_poll() {
+    let layout = tempfile::tempdir().expect("tempdir");
+    let job = layout_image(layout.path(), "job");
+    // With an hour between polls, only file events can make this pod start.
+    let node = Node::start_with(&["--manifest-poll-interval", "1h"]);
+    node.write_manifest("job.yaml", &job_pod("evented", &job, "Never", &[]));
+    node.wait_phase("evented", "Succeeded");
+    node.remove_manifest("job.yaml");
+    node.wait_gone("evented");
+}

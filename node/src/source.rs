@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use brink_proto::{PodManifest, parse_manifests};
@@ -25,11 +26,15 @@ pub trait PodSource: Send + 'static {
 }
 
 /// Pod manifests (`*.yaml`, `*.yml`, `*.json`) in a directory, re-read when a file changes.
+/// inotify wakes it at once; the poll interval is the fallback (and a periodic resync) for
+/// file systems where events do not arrive.
 pub struct ManifestDir {
     dir: PathBuf,
     poll: Duration,
     seen: BTreeMap<PathBuf, FileState>,
     first: bool,
+    wake: Arc<tokio::sync::Notify>,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 #[derive(Debug, Clone)]
@@ -42,11 +47,32 @@ struct FileState {
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>, poll: Duration) -> Self {
+        let dir = dir.into();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let waker = wake.clone();
+        let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+            // Any event means "look again"; a stored permit covers events between scans.
+            waker.notify_one();
+        })
+        .and_then(|mut w| {
+            use notify::Watcher as _;
+            w.watch(&dir, notify::RecursiveMode::NonRecursive)
+                .map(|()| w)
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "no file events; polling only");
+                None
+            }
+        };
         Self {
-            dir: dir.into(),
+            dir,
             poll,
             seen: BTreeMap::new(),
             first: true,
+            wake,
+            _watcher: watcher,
         }
     }
 
@@ -148,7 +174,10 @@ impl PodSource for ManifestDir {
     async fn next(&mut self) -> Option<DesiredPods> {
         loop {
             if !self.first {
-                tokio::time::sleep(self.poll).await;
+                tokio::select! {
+                    () = tokio::time::sleep(self.poll) => {}
+                    () = self.wake.notified() => {}
+                }
             }
             let dir = self.dir.clone();
             let mut seen = std::mem::take(&mut self.seen);

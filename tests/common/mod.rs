@@ -327,12 +327,17 @@ impl Node {
             .expect("start brink node");
         self.child = Some(child);
         let kubelet = self.kubelet;
-        wait_for("the node's /healthz", || {
-            http_get(kubelet, "/healthz")
-                .ok()
-                .filter(|r| r.status == 200)
-                .map(|_| ())
-        });
+        let start = Instant::now();
+        while !http_get(kubelet, "/healthz").is_ok_and(|r| r.status == 200) {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || start.elapsed() > WAIT {
+                panic!("the node did not come up; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stops the node with SIGTERM (graceful) and waits for it.
