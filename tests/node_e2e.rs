@@ -738,3 +738,33 @@ fn manifest_changes_are_seen_without_waiting_for_the_poll() {
     node.remove_manifest("job.yaml");
     node.wait_gone("evented");
 }
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
+    ticks / 100.0
+}
+
+#[test]
+fn an_idle_node_does_not_spin() {
+    // Regression: the manifest watcher once woke itself with its own reads and rescanned
+    // forever, a full core on an idle node. Idle is ~0 s of CPU; spinning is ~3 s.
+    let layout = tempfile::tempdir().expect("tempdir");
+    let job = layout_image(layout.path(), "job");
+    let node = Node::start_with(&["--manifest-poll-interval", "1h"]);
+    node.write_manifest("job.yaml", &job_pod("once", &job, "Never", &[]));
+    node.wait_phase("once", "Succeeded");
+    let pid = node.pid().expect("pid");
+    let before = cpu_seconds(pid);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.5, "an idle node used {used:.2} s of CPU in 3 s");
+}

@@ -118,7 +118,7 @@ async fn serve(listener: TcpListener, app: Arc<HttpApp>, mut stop: oneshot::Rece
                     let app = app.clone();
                     async move { Ok::<_, std::convert::Infallible>(app.handle(request).await) }
                 });
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {

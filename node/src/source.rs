@@ -50,9 +50,17 @@ impl ManifestDir {
         let dir = dir.into();
         let wake = Arc::new(tokio::sync::Notify::new());
         let waker = wake.clone();
-        let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-            // Any event means "look again"; a stored permit covers events between scans.
-            waker.notify_one();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Only changes mean "look again": the rescan itself opens and reads the
+            // directory, and reacting to those access events would rescan forever.
+            // A stored permit covers changes that land between scans.
+            let changed = match &event {
+                Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
+                Err(_) => true,
+            };
+            if changed {
+                waker.notify_one();
+            }
         })
         .and_then(|mut w| {
             use notify::Watcher as _;

@@ -26,11 +26,22 @@ pub fn example(name: &str) -> PathBuf {
     PathBuf::from(env!("BRINK_EXAMPLES_DIR")).join(format!("{name}.wasm"))
 }
 
+/// A loopback port nobody listens on, below the kernel's ephemeral range: a port from that
+/// range can be taken by any client socket between now and the moment a node binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = 12_000u16;
+    let base = 20_000u16;
+    let offset = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = base + (offset.wrapping_add(i.wrapping_mul(7))) % span;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {base} and {}", base + span);
 }
 
 /// Runs `brink ARGS` to completion, with no docker credentials unless a test gives some.
