@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
+use tracing::Instrument as _;
 use wasmtime::Store;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -65,9 +66,11 @@ impl HttpApp {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let metrics = &self.runtime.metrics;
-        Metrics::inc(&metrics.http_requests);
+        // The node-wide request count doubles as the request id in traces.
+        let id = metrics.http_requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::debug_span!("request", id, container = %self.ctx.name);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let response = self.handle_inner(request).await;
+        let response = self.handle_inner(request).instrument(span).await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         response.unwrap_or_else(|(status, message)| {
             if status == StatusCode::GATEWAY_TIMEOUT {
