@@ -768,3 +768,109 @@ fn an_idle_node_does_not_spin() {
     let used = cpu_seconds(pid) - before;
     assert!(used < 0.5, "an idle node used {used:.2} s of CPU in 3 s");
 }
+
+#[test]
+fn a_failed_pull_shows_err_image_pull_then_image_pull_back_off() {
+    let registry = Registry::start();
+    // A 4 s back-off shows ErrImagePull for 2 s: long enough to see in the status.
+    let node = Node::start_with(&["--image-pull-backoff", "4s"]);
+    let missing = format!("{}:v1", registry.reference("demo/absent"));
+    node.write_manifest(
+        "absent.yaml",
+        &service_pod("absent", &missing, free_port(), &[]),
+    );
+    let reason = |p: &serde_json::Value| container_status(p)["state"]["waiting"]["reason"].clone();
+    let err = node.wait_pod("absent", "ErrImagePull", |p| reason(p) == "ErrImagePull");
+    let message = container_status(&err)["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("manifest unknown"), "{message}");
+    node.wait_pod("absent", "ImagePullBackOff", |p| {
+        reason(p) == "ImagePullBackOff"
+    });
+}
+
+/// Rewrites the layout's `tag` manifest so its layer (and config) carry other media types,
+/// as older tools published wasm; returns the new reference.
+fn retype_layout(
+    dir: &std::path::Path,
+    tag: &str,
+    new_tag: &str,
+    layer_type: &str,
+    config_type: &str,
+) -> String {
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).expect("index")).expect("json");
+    let entry = index["manifests"]
+        .as_array()
+        .and_then(|m| {
+            m.iter()
+                .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        })
+        .cloned()
+        .expect("tagged manifest");
+    let digest = entry["digest"].as_str().expect("digest");
+    let blob = |d: &str| dir.join("blobs/sha256").join(&d[7..]);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(digest)).expect("manifest")).expect("json");
+    manifest["layers"][0]["mediaType"] = layer_type.into();
+    manifest["config"]["mediaType"] = config_type.into();
+    let bytes = serde_json::to_vec(&manifest).expect("json");
+    let new_digest = format!("sha256:{}", sha256_hex(&bytes));
+    std::fs::write(blob(&new_digest), &bytes).expect("write manifest");
+    let mut new_entry = entry.clone();
+    new_entry["digest"] = new_digest.into();
+    new_entry["size"] = bytes.len().into();
+    new_entry["annotations"]["org.opencontainers.image.ref.name"] = new_tag.into();
+    index["manifests"]
+        .as_array_mut()
+        .expect("manifests")
+        .push(new_entry);
+    std::fs::write(&index_path, serde_json::to_vec(&index).expect("json")).expect("write index");
+    format!("oci:{}:{new_tag}", dir.display())
+}
+
+#[test]
+fn legacy_and_runwasi_layer_types_and_digest_references_run() {
+    let layout = tempfile::tempdir().expect("tempdir");
+    layout_image(layout.path(), "hello");
+    let legacy = retype_layout(
+        layout.path(),
+        "hello",
+        "legacy",
+        "application/vnd.wasm.content.layer.v1+wasm",
+        "application/vnd.wasm.config.v1+json",
+    );
+    let runwasi = retype_layout(
+        layout.path(),
+        "hello",
+        "runwasi",
+        "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let registry = Registry::start();
+    let repo = registry.reference("demo/hello");
+    let digest = push("hello", &format!("{repo}:v1"));
+    let by_digest = format!("{repo}@{digest}");
+
+    let node = Node::start();
+    let ports = [free_port(), free_port(), free_port()];
+    node.write_manifest(
+        "kinds.yaml",
+        &[
+            service_pod("legacy", &legacy, ports[0], &[]),
+            service_pod("runwasi", &runwasi, ports[1], &[]),
+            service_pod("pinned", &by_digest, ports[2], &[]),
+        ]
+        .join("---\n"),
+    );
+    for (name, port) in ["legacy", "runwasi", "pinned"].into_iter().zip(ports) {
+        node.wait_ready(name);
+        let body = http_get(addr(port), "/").expect("curl").body;
+        assert_eq!(body, format!("Hello from Brink! (pod {name})\n"));
+    }
+    let pinned = node.pod("pinned").expect("pinned");
+    assert_eq!(container_status(&pinned)["imageID"], by_digest);
+}

@@ -18,6 +18,10 @@ use crate::logs::ContainerLog;
 use crate::metrics::Metrics;
 use crate::runtime::{App, CommandApp, ExitStatus, GuestContext, HttpApp};
 
+/// How long a failed pull shows as ErrImagePull before the back-off state (at most half
+/// the back-off).
+const ERR_IMAGE_PULL_SHOWN: Duration = Duration::from_secs(2);
+
 /// The states a pod's worker walks through. Each state's handler returns the next one.
 enum PodState {
     /// Fetch every container's artifact (ErrImagePull/ImagePullBackOff on failure).
@@ -183,6 +187,19 @@ impl Worker {
                     }
                     Err(e) => {
                         tracing::warn!(container = %container.name, %image, error = %e, "pull failed");
+                        // As a kubelet reports it: ErrImagePull for the failure itself, then
+                        // ImagePullBackOff while waiting to try again.
+                        self.set_container(&container.name, |c| {
+                            c.state = ContainerState::Waiting {
+                                reason: "ErrImagePull".into(),
+                                message: Some(e.to_string()),
+                            }
+                        });
+                        let shown = (backoff / 2).min(ERR_IMAGE_PULL_SHOWN);
+                        tokio::select! {
+                            () = tokio::time::sleep(shown) => {}
+                            () = stopped(&mut self.stop) => return PodState::Stopped,
+                        }
                         let message = format!("Back-off pulling image {image:?}: {e}");
                         self.set_container(&container.name, |c| {
                             c.state = ContainerState::Waiting {
@@ -191,7 +208,7 @@ impl Worker {
                             }
                         });
                         tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
+                            () = tokio::time::sleep(backoff - shown) => {}
                             () = stopped(&mut self.stop) => return PodState::Stopped,
                         }
                         backoff = next_backoff(backoff, self.ctx.settings.backoff_max);
