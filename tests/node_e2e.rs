@@ -473,13 +473,10 @@ fn corrupt_and_non_wasm_artifacts_are_refused() {
             .unwrap_or_default()
             .to_string()
     };
-    let corrupt = node.wait_pod("corrupt", "a digest error", |p| {
+    node.wait_pod("corrupt", "a digest error, backing off", |p| {
         waiting(p).contains("digest mismatch")
+            && container_status(p)["state"]["waiting"]["reason"] == "ImagePullBackOff"
     });
-    assert_eq!(
-        container_status(&corrupt)["state"]["waiting"]["reason"],
-        "ImagePullBackOff"
-    );
     let tar = node.wait_pod("tar", "a media type error", |p| {
         waiting(p).contains("application/vnd.oci.image.layer.v1.tar+gzip")
     });
