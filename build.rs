@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUESTS: [&str; 4] = ["hello", "echo", "job", "faulty"];
+const GUESTS: [&str; 5] = ["hello", "echo", "job", "faulty", "fetch"];
 
 fn main() {
     let root =

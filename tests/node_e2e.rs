@@ -871,3 +871,71 @@ fn legacy_and_runwasi_layer_types_and_digest_references_run() {
     let pinned = node.pod("pinned").expect("pinned");
     assert_eq!(container_status(&pinned)["imageID"], by_digest);
 }
+
+#[test]
+fn outbound_http_is_denied_unless_the_pod_allows_the_host() {
+    let registry = Registry::start();
+    let layout = tempfile::tempdir().expect("tempdir");
+    let fetch = layout_image(layout.path(), "fetch");
+    let node = Node::start();
+    let with_annotation = |name: &str, port: u16, allowed: Option<&str>| {
+        let pod = service_pod(name, &fetch, port, &[]);
+        match allowed {
+            None => pod,
+            Some(list) => pod.replacen(
+                &format!("  name: {name}\n"),
+                &format!("  name: {name}\n  annotations:\n    brink.dev/allowed-outbound-hosts: \"{list}\"\n"),
+                1,
+            ),
+        }
+    };
+    let ports = [free_port(), free_port(), free_port()];
+    let upstream = registry.addr.to_string();
+    node.write_manifest(
+        "fetch.yaml",
+        &[
+            with_annotation("closed", ports[0], None),
+            with_annotation("elsewhere", ports[1], Some("example.com, 127.0.0.1:1")),
+            with_annotation("open", ports[2], Some(&upstream)),
+        ]
+        .join("---\n"),
+    );
+    let url = format!("/?url=http://{upstream}/v2/");
+    for (name, port) in ["closed", "elsewhere", "open"].into_iter().zip(ports) {
+        node.wait_ready(name);
+        let response = http_get(addr(port), &url).expect("curl");
+        if name == "open" {
+            assert_eq!(response.status, 200, "{}", response.body);
+            assert!(
+                response.body.starts_with("upstream 200"),
+                "{}",
+                response.body
+            );
+        } else {
+            assert_eq!(response.status, 502, "{name}: {}", response.body);
+            assert!(
+                response.body.contains("HttpRequestDenied"),
+                "{name}: {}",
+                response.body
+            );
+        }
+    }
+    // A malformed allow-list is a manifest error naming the annotation.
+    node.write_manifest(
+        "bad.yaml",
+        &with_annotation("bad", free_port(), Some("http://x/y")),
+    );
+    wait_for("the bad annotation to be reported", || {
+        let v: serde_json::Value = serde_json::from_str(&node.get("/debug/manifests").body).ok()?;
+        let errors = v["errors"].as_array()?.clone();
+        errors
+            .iter()
+            .any(|e| {
+                e.as_str().is_some_and(|e| {
+                    e.contains("metadata.annotations[brink.dev/allowed-outbound-hosts]")
+                })
+            })
+            .then_some(())
+    });
+    assert!(node.pod("bad").is_none());
+}

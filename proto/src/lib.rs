@@ -6,6 +6,7 @@
 //! the file, the document and the field at fault.
 
 pub mod manifest;
+pub mod outbound;
 pub mod quantity;
 
 pub use manifest::{ManifestError, PodManifest, parse_manifests};

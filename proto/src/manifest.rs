@@ -222,6 +222,22 @@ pub fn validate_pod(pod: &mut Pod) -> Result<(), FieldError> {
             format!("{namespace:?} is not a valid namespace"),
         ));
     }
+    if let Some(value) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::outbound::ALLOWED_OUTBOUND_HOSTS))
+    {
+        crate::outbound::parse_allowed_hosts(value).map_err(|e| {
+            field_err(
+                format!(
+                    "metadata.annotations[{}]",
+                    crate::outbound::ALLOWED_OUTBOUND_HOSTS
+                ),
+                e,
+            )
+        })?;
+    }
     let spec = pod
         .spec
         .as_mut()

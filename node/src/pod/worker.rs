@@ -261,11 +261,20 @@ impl Worker {
                 (e.name.clone(), value)
             })
             .collect();
+        // Validated with the manifest; an unreadable list here would mean "allow nothing".
+        let allowed = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(brink_proto::outbound::ALLOWED_OUTBOUND_HOSTS))
+            .and_then(|v| brink_proto::outbound::parse_allowed_hosts(v).ok())
+            .unwrap_or_default();
         GuestContext {
             args,
             env,
             memory_limit,
             log,
+            outbound: crate::runtime::OutboundPolicy::new(allowed),
             name: format!("{}/{}", self.key, container.name),
         }
     }

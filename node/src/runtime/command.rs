@@ -73,6 +73,7 @@ impl CommandApp {
                         http: WasiHttpCtx::new(),
                         table: ResourceTable::new(),
                         limits,
+                        outbound: self.ctx.outbound.clone(),
                     },
                 );
                 store.limiter(|s| &mut s.limits);

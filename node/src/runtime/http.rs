@@ -101,6 +101,7 @@ impl HttpApp {
                 http: WasiHttpCtx::new(),
                 table: ResourceTable::new(),
                 limits: self.runtime.limits(self.ctx.memory_limit),
+                outbound: self.ctx.outbound.clone(),
             },
         );
         store.limiter(|s| &mut s.limits);

@@ -8,6 +8,7 @@
 
 mod command;
 mod http;
+mod outbound;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -24,6 +25,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use command::{CommandApp, ExitStatus};
 pub use http::{HttpApp, HttpBody};
+pub use outbound::OutboundPolicy;
 
 use crate::logs::ContainerLog;
 use crate::metrics::Metrics;
@@ -64,6 +66,7 @@ pub struct HostState {
     pub(crate) http: WasiHttpCtx,
     pub(crate) table: ResourceTable,
     pub(crate) limits: StoreLimits,
+    pub(crate) outbound: OutboundPolicy,
 }
 
 impl WasiView for HostState {
@@ -80,7 +83,7 @@ impl WasiHttpView for HostState {
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
-            hooks: Default::default(),
+            hooks: &mut self.outbound,
         }
     }
 }
@@ -100,6 +103,8 @@ pub struct GuestContext {
     /// Linear memory cap in bytes.
     pub memory_limit: u64,
     pub log: Arc<ContainerLog>,
+    /// Where the guest may send HTTP requests.
+    pub outbound: OutboundPolicy,
     /// `namespace/pod/container`, for traces.
     pub name: String,
 }
