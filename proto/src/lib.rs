@@ -8,6 +8,7 @@
 pub mod manifest;
 pub mod outbound;
 pub mod quantity;
+pub mod sandbox;
 
 pub use manifest::{ManifestError, PodManifest, parse_manifests};
 pub use quantity::{QuantityError, parse_bytes};
