@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cache;
 pub mod hostport;
+pub mod idranges;
 pub mod images;
 pub mod keyed_lock;
 pub mod kubelet;
