@@ -152,18 +152,8 @@ fn jobs_report_exit_codes_and_follow_restart_policy() {
         container_status(p)["state"]["waiting"]["reason"] == "CrashLoopBackOff"
     });
     let table = stdout(&node.brink(&["get", "pods"]));
-    assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("fails") && l.contains("Error")),
-        "{table}"
-    );
-    assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("ok") && l.contains("Completed")),
-        "{table}"
-    );
+    assert!(has_row(&table, "fails", "Error"), "{table}");
+    assert!(has_row(&table, "ok", "Completed"), "{table}");
 }
 
 #[test]
@@ -667,12 +657,7 @@ fn readiness_probe_gates_ready() {
     let unhealthy = node.pod("unhealthy").unwrap_or(unhealthy);
     assert_eq!(container_status(&unhealthy)["ready"], false);
     let table = stdout(&node.brink(&["get", "pods"]));
-    assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("unhealthy") && l.contains("0/1")),
-        "{table}"
-    );
+    assert!(has_row(&table, "unhealthy", "0/1"), "{table}");
 }
 
 #[test]
@@ -938,4 +923,49 @@ fn outbound_http_is_denied_unless_the_pod_allows_the_host() {
             .then_some(())
     });
     assert!(node.pod("bad").is_none());
+}
+
+#[test]
+fn an_artifact_that_does_not_compile_is_a_create_container_error() {
+    // A layout whose one wasm layer has a component preamble and garbage after it: the
+    // pull succeeds (the digest matches), compiling fails, and the container says so.
+    let layout = tempfile::tempdir().expect("tempdir");
+    let write_blob = |bytes: &[u8]| -> String {
+        let digest = format!("sha256:{}", sha256_hex(bytes));
+        let dir = layout.path().join("blobs/sha256");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(&digest[7..]), bytes).expect("blob");
+        digest
+    };
+    let config = br#"{"architecture":"wasm","os":"wasip2"}"#;
+    let layer = b"\0asm\x0d\0\x01\0 this is not a component";
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": write_blob(config), "size": config.len()},
+        "layers": [{"mediaType": "application/wasm", "digest": write_blob(layer), "size": layer.len()}],
+    })
+    .to_string();
+    let digest = write_blob(manifest.as_bytes());
+    std::fs::write(
+        layout.path().join("index.json"),
+        serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": "broken"}}]}).to_string(),
+    )
+    .expect("index");
+    let node = Node::start();
+    let image = format!("oci:{}:broken", layout.path().display());
+    node.write_manifest(
+        "broken.yaml",
+        &service_pod("broken", &image, free_port(), &[]),
+    );
+    let pod = node.wait_pod("broken", "CreateContainerError", |p| {
+        container_status(p)["state"]["waiting"]["reason"] == "CreateContainerError"
+    });
+    let message = container_status(&pod)["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("compiling"), "{message}");
+    assert_eq!(pod["status"]["phase"], "Pending");
+    let mut node = node;
+    assert!(node.alive());
 }

@@ -100,6 +100,11 @@ impl Agent {
         records
     }
 
+    /// How many pods the node runs, without copying their records.
+    pub fn pod_count(&self) -> usize {
+        self.pods.read().map(|p| p.len()).unwrap_or_default()
+    }
+
     pub fn pod(&self, key: &str) -> Option<PodRecord> {
         self.pods.read().ok()?.get(key)?.snapshot()
     }

@@ -59,7 +59,7 @@ async fn pods(State(agent): State<Arc<Agent>>) -> Response {
 }
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
-    let text = agent.ctx.metrics.render(agent.pods().len());
+    let text = agent.ctx.metrics.render(agent.pod_count());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -510,3 +510,10 @@ pub fn layout_image(dir: &Path, example_name: &str) -> String {
     push(example_name, &reference);
     reference
 }
+
+/// Whether a `brink get pods` table has a row for `name` that contains `text`.
+pub fn has_row(table: &str, name: &str, text: &str) -> bool {
+    table
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(name) && l.contains(text))
+}

@@ -77,8 +77,6 @@ pub struct PodRecord {
     pub initialized_at: Option<Timestamp>,
     /// When the pod reached its current readiness.
     pub ready_since: Timestamp,
-    /// A pod-level reason (for example an unsupported spec), shown when set.
-    pub reason: Option<(String, String)>,
 }
 
 impl PodRecord {
@@ -111,7 +109,6 @@ impl PodRecord {
             host_ip,
             initialized_at: None,
             ready_since: now,
-            reason: None,
         }
     }
 
@@ -125,9 +122,6 @@ impl PodRecord {
 
     /// The phase Kubernetes would report for these container states.
     pub fn phase(&self) -> PodPhase {
-        if self.reason.is_some() && self.initialized_at.is_none() {
-            return PodPhase::Failed;
-        }
         if self.containers.iter().all(|c| c.finished) {
             let all_ok = self
                 .containers
@@ -189,8 +183,6 @@ impl PodRecord {
             container_statuses: Some(self.containers.iter().map(container_status).collect()),
             host_ip: Some(self.host_ip.clone()),
             start_time: time(self.start_time),
-            reason: self.reason.as_ref().map(|(r, _)| r.clone()),
-            message: self.reason.as_ref().map(|(_, m)| m.clone()),
             ..Default::default()
         }
     }

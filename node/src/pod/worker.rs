@@ -115,6 +115,15 @@ impl Worker {
             .unwrap_or_default()
     }
 
+    /// Reads one thing from the pod's spec without copying the whole pod.
+    fn spec<T: Default>(&self, f: impl FnOnce(&k8s_openapi::api::core::v1::PodSpec) -> T) -> T {
+        self.record
+            .read()
+            .ok()
+            .and_then(|r| r.pod.spec.as_ref().map(f))
+            .unwrap_or_default()
+    }
+
     fn update(&self, f: impl FnOnce(&mut PodRecord)) {
         if let Ok(mut record) = self.record.write() {
             let was_ready = record.all_ready();
@@ -135,9 +144,7 @@ impl Worker {
 
     fn grace(&self) -> Duration {
         let secs = self
-            .pod()
-            .spec
-            .and_then(|s| s.termination_grace_period_seconds)
+            .spec(|s| s.termination_grace_period_seconds)
             .unwrap_or(30);
         Duration::from_secs(secs.max(0) as u64)
     }
@@ -162,7 +169,7 @@ impl Worker {
     }
 
     async fn pull(&mut self) -> PodState {
-        let containers = self.pod().spec.map(|s| s.containers).unwrap_or_default();
+        let containers = self.spec(|s| s.containers.clone());
         let mut backoff = self.ctx.settings.image_pull_backoff_initial;
         'retry: loop {
             let mut pulled = Vec::with_capacity(containers.len());
@@ -280,7 +287,7 @@ impl Worker {
     }
 
     async fn start(&mut self, images: Vec<PulledImage>) -> PodState {
-        let containers = self.pod().spec.map(|s| s.containers).unwrap_or_default();
+        let containers = self.spec(|s| s.containers.clone());
         let mut apps = Vec::with_capacity(containers.len());
         for (container, image) in containers.into_iter().zip(images) {
             let prepared = async {
@@ -361,9 +368,7 @@ impl Worker {
     }
 
     fn restart_policy(&self) -> String {
-        self.pod()
-            .spec
-            .and_then(|s| s.restart_policy)
+        self.spec(|s| s.restart_policy.clone())
             .unwrap_or_else(|| "Always".into())
     }
 
