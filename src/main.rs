@@ -3,6 +3,7 @@
 mod client;
 mod node_cmd;
 mod oci_cmd;
+mod probe_cmd;
 mod table;
 
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         rest: Vec<String>,
     },
+    /// Run a native attack inside a pod sandbox and report what happened (for tests).
+    #[command(hide = true)]
+    SandboxProbe(probe_cmd::ProbeArgs),
     /// Run the chaos harness (not implemented yet).
     Chaos {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
@@ -60,6 +64,15 @@ pub fn default_data_dir(name: &str) -> PathBuf {
 }
 
 fn main() -> std::process::ExitCode {
+    // A pod sandbox: it must build its jail while single-threaded, so it branches off
+    // before anything (argument parsing included) could start a thread.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(
+            brink_node::sandbox::SANDBOX_SUBCOMMAND,
+        ))
+    {
+        std::process::exit(brink_node::sandbox::sandbox_main());
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -86,6 +99,7 @@ fn main() -> std::process::ExitCode {
             Command::Pull(args) => oci_cmd::pull(args).await,
             Command::Get(args) => client::get(args).await,
             Command::Logs(args) => client::logs(args).await,
+            Command::SandboxProbe(args) => probe_cmd::probe(args).await,
             Command::Server { .. } => Err(anyhow::anyhow!(
                 "`brink server` is not implemented yet: the raft-backed control plane is issue 5"
             )),

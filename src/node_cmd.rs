@@ -60,6 +60,37 @@ pub struct NodeFlags {
     /// Log files kept per container.
     #[arg(long, default_value_t = 5)]
     log_max_files: usize,
+    /// Where guests run: `sandbox` (one user-namespaced process per pod) or `in-process`
+    /// (inside the agent, isolated by wasmtime alone; for benchmarks and debugging).
+    #[arg(long, value_enum, default_value_t = IsolationFlag::Sandbox)]
+    isolation: IsolationFlag,
+    /// First host uid/gid of the pool pods' user-namespace ranges come from.
+    #[arg(long, default_value_t = 1_000_000)]
+    id_pool_base: u32,
+    /// Number of 65,536-ID ranges in the pool (the most sandboxed pods at once).
+    #[arg(long, default_value_t = 4096)]
+    id_pool_ranges: u32,
+    /// Let pods ask for `hostUsers: true` (no user namespace).
+    #[arg(long)]
+    allow_host_users: bool,
+    /// Threads one sandbox may have.
+    #[arg(long, default_value_t = 64)]
+    sandbox_max_threads: u64,
+    /// Guest instances alive at once in one sandbox.
+    #[arg(long, default_value_t = 64)]
+    sandbox_max_instances: u32,
+    /// Writable memory a sandbox may map beyond its containers' memory limits, in bytes.
+    #[arg(long, default_value_t = 512 << 20)]
+    sandbox_memory_overhead: u64,
+    /// How long a new sandbox may take to start.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    sandbox_start_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum IsolationFlag {
+    Sandbox,
+    InProcess,
 }
 
 impl NodeFlags {
@@ -97,6 +128,38 @@ impl NodeFlags {
         s.backoff_max = self.backoff_max;
         s.log_max_file_bytes = self.log_max_file_bytes;
         s.log_max_files = self.log_max_files;
+        anyhow::ensure!(
+            self.id_pool_ranges > 0,
+            "--id-pool-ranges must be at least 1"
+        );
+        anyhow::ensure!(
+            u64::from(self.id_pool_base) + u64::from(self.id_pool_ranges) * 65_536
+                <= u64::from(u32::MAX),
+            "--id-pool-base plus --id-pool-ranges ranges of 65,536 IDs must fit in 32-bit IDs"
+        );
+        anyhow::ensure!(
+            self.id_pool_base > 0,
+            "--id-pool-base must not be 0: uid 0 outside is the host's root"
+        );
+        anyhow::ensure!(
+            self.sandbox_max_threads >= 8,
+            "--sandbox-max-threads must be at least 8 (the sandbox's own runtime needs some)"
+        );
+        anyhow::ensure!(
+            self.sandbox_max_instances > 0,
+            "--sandbox-max-instances must be at least 1"
+        );
+        s.isolation = match self.isolation {
+            IsolationFlag::Sandbox => brink_node::settings::Isolation::Sandbox,
+            IsolationFlag::InProcess => brink_node::settings::Isolation::InProcess,
+        };
+        s.id_pool_base = self.id_pool_base;
+        s.id_pool_ranges = self.id_pool_ranges;
+        s.allow_host_users = self.allow_host_users;
+        s.sandbox_max_threads = self.sandbox_max_threads;
+        s.sandbox_max_instances = self.sandbox_max_instances;
+        s.sandbox_memory_overhead = self.sandbox_memory_overhead;
+        s.sandbox_start_timeout = self.sandbox_start_timeout;
         Ok(s)
     }
 }

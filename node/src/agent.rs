@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::cache::CacheError;
 use crate::hostport::HostPorts;
+use crate::idranges::IdRanges;
 use crate::images::ImageService;
 use crate::logs::ContainerLog;
 use crate::metrics::Metrics;
@@ -25,6 +26,8 @@ pub enum AgentError {
     Cache(#[from] CacheError),
     #[error("runtime: {0}")]
     Runtime(#[from] RuntimeError),
+    #[error("user-namespace ID ranges: {0}")]
+    IdRanges(#[from] crate::idranges::IdRangeError),
     #[error("kubelet endpoint {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -40,6 +43,10 @@ pub struct NodeContext {
     pub runtime: Arc<Runtime>,
     pub host_ports: Arc<HostPorts>,
     pub metrics: Arc<Metrics>,
+    /// Each sandboxed pod's host ID range.
+    pub id_ranges: Arc<IdRanges>,
+    /// Whether pods can have user namespaces here, or why not (checked once at start).
+    pub user_namespaces: Result<(), String>,
 }
 
 impl NodeContext {
@@ -68,6 +75,8 @@ pub struct Agent {
     pub ctx: Arc<NodeContext>,
     pods: RwLock<HashMap<String, Arc<PodHandle>>>,
     source_errors: RwLock<Vec<String>>,
+    /// Whether the first desired set has been applied (it prunes stale ID ranges).
+    reconciled: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -75,6 +84,23 @@ impl Agent {
         let metrics = Arc::new(Metrics::default());
         let images = ImageService::new(settings.clone(), metrics.clone())?;
         let runtime = Runtime::new(&settings, metrics.clone())?;
+        let id_ranges = Arc::new(IdRanges::open(
+            &settings.data_dir.join("idranges"),
+            settings.id_pool_base,
+            settings.id_pool_ranges,
+        )?);
+        let user_namespaces = match settings.isolation {
+            crate::settings::Isolation::Sandbox => crate::sandbox::user_namespaces_available(),
+            crate::settings::Isolation::InProcess => Ok(()),
+        };
+        if let Err(reason) = &user_namespaces {
+            tracing::warn!(%reason, "pods that need a user namespace will be refused");
+        }
+        if settings.isolation == crate::settings::Isolation::InProcess {
+            tracing::warn!(
+                "guests run inside the agent process (--isolation=in-process): no sandbox"
+            );
+        }
         Ok(Arc::new(Self {
             ctx: Arc::new(NodeContext {
                 settings,
@@ -82,9 +108,12 @@ impl Agent {
                 runtime,
                 host_ports: Arc::new(HostPorts::default()),
                 metrics,
+                id_ranges,
+                user_namespaces,
             }),
             pods: RwLock::new(HashMap::new()),
             source_errors: RwLock::new(Vec::new()),
+            reconciled: Default::default(),
         }))
     }
 
@@ -190,7 +219,35 @@ impl Agent {
             .filter_map(|h| h.snapshot())
             .map(|r| self.ctx.pod_log_dir(&r.pod))
             .collect();
+        let removed: Vec<String> = to_stop
+            .iter()
+            .filter_map(|h| h.snapshot().and_then(|r| r.pod.metadata.uid))
+            .collect();
         futures::future::join_all(to_stop.into_iter().map(stop_handle)).await;
+        // A pod that is gone (or changed, which is a new pod) gives its ID range back;
+        // records of pods removed while the agent was down go on the first pass.
+        let live: Vec<String> = wanted
+            .values()
+            .filter_map(|(pod, _)| pod.metadata.uid.clone())
+            .collect();
+        let ranges = self.ctx.id_ranges.clone();
+        let first = !self
+            .reconciled
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        let released = tokio::task::spawn_blocking(move || {
+            for uid in removed.iter().filter(|u| !live.contains(u)) {
+                ranges.release(uid)?;
+            }
+            if first {
+                let live: Vec<&str> = live.iter().map(String::as_str).collect();
+                ranges.retain(&live)?;
+            }
+            Ok::<_, crate::idranges::IdRangeError>(())
+        })
+        .await;
+        if let Ok(Err(e)) = released {
+            tracing::warn!(error = %e, "cannot release user-namespace ID ranges");
+        }
         for dir in stop_dirs {
             // Logs of a pod that is gone are garbage, as a kubelet collects them.
             let _ = tokio::fs::remove_dir_all(dir).await;

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::runtime::HttpApp;
+use crate::sandbox::Service;
 
 /// The host ports open on this node, and which container owns each.
 #[derive(Default)]
@@ -37,7 +37,7 @@ impl HostPorts {
         self: &Arc<Self>,
         addr: SocketAddr,
         owner: String,
-        app: Arc<HttpApp>,
+        app: Service,
     ) -> std::io::Result<HostPortListener> {
         {
             let mut owners = self
@@ -97,7 +97,7 @@ impl Drop for HostPortListener {
     }
 }
 
-async fn serve(listener: TcpListener, app: Arc<HttpApp>, mut stop: oneshot::Receiver<Duration>) {
+async fn serve(listener: TcpListener, app: Service, mut stop: oneshot::Receiver<Duration>) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     let grace = loop {

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod oci;
 pub mod pod;
 pub mod runtime;
+pub mod sandbox;
 pub mod settings;
 pub mod source;
 

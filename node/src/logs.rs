@@ -106,11 +106,6 @@ impl ContainerLog {
         }
     }
 
-    /// Writes a line the node itself says about the container (a restart, a kill).
-    pub fn note(&self, text: &str) {
-        self.write(Stream::Stderr, format!("[brink] {text}\n").as_bytes());
-    }
-
     fn append_line(&self, state: &mut LogState, stream: Stream, line: &[u8]) {
         let content = line.strip_suffix(b"\n").unwrap_or(line);
         let mut record = Vec::with_capacity(content.len() + 48);
@@ -143,13 +138,27 @@ impl ContainerLog {
             .ok();
         state.size = 0;
     }
+}
 
-    /// A writer for one stream, for wasi's stdout/stderr.
-    pub fn writer(self: &Arc<Self>, stream: Stream) -> LogWriter {
-        LogWriter {
-            log: Arc::clone(self),
-            stream,
-        }
+/// Where a guest's output goes.
+pub trait GuestOutput: Send + Sync + 'static {
+    /// Raw output of one stream.
+    fn write(&self, stream: Stream, bytes: &[u8]);
+    /// The guest ended: write out any partial line.
+    fn flush_partial(&self);
+    /// A line the node itself says about the container (a restart, a kill).
+    fn note(&self, text: &str) {
+        self.write(Stream::Stderr, format!("[brink] {text}\n").as_bytes());
+    }
+}
+
+impl GuestOutput for ContainerLog {
+    fn write(&self, stream: Stream, bytes: &[u8]) {
+        ContainerLog::write(self, stream, bytes)
+    }
+
+    fn flush_partial(&self) {
+        ContainerLog::flush_partial(self)
     }
 }
 
@@ -164,11 +173,17 @@ fn rotated_path(path: &Path, index: usize) -> PathBuf {
     }
 }
 
-/// One stream of a container log as an `AsyncWrite` (and so a wasi stdout/stderr).
-#[derive(Debug, Clone)]
+/// One stream of a guest's output as an `AsyncWrite` (and so a wasi stdout/stderr).
+#[derive(Clone)]
 pub struct LogWriter {
-    log: Arc<ContainerLog>,
+    log: Arc<dyn GuestOutput>,
     stream: Stream,
+}
+
+impl LogWriter {
+    pub fn new(log: Arc<dyn GuestOutput>, stream: Stream) -> Self {
+        Self { log, stream }
+    }
 }
 
 impl AsyncWrite for LogWriter {

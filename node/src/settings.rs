@@ -5,6 +5,16 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Where a node runs its pods' guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// One user-namespaced sandbox process per pod (the default).
+    Sandbox,
+    /// Inside the agent process, isolated by wasmtime alone. For benchmarks and debugging
+    /// only: a guest that escapes wasmtime owns the agent.
+    InProcess,
+}
+
 /// Settings of one node agent.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
@@ -47,6 +57,23 @@ pub struct NodeSettings {
     pub log_follow_poll: Duration,
     /// Connect and read timeout for registry requests.
     pub registry_timeout: Duration,
+    /// Where guests run.
+    pub isolation: Isolation,
+    /// First host uid/gid of the pool that pods' user-namespace ranges come from.
+    pub id_pool_base: u32,
+    /// How many 65,536-ID ranges the pool holds (so at most this many sandboxed pods).
+    pub id_pool_ranges: u32,
+    /// Whether a pod may ask for `hostUsers: true` (no user namespace). Off by default.
+    pub allow_host_users: bool,
+    /// Threads (and processes) one sandbox may have (RLIMIT_NPROC of its own uid).
+    pub sandbox_max_threads: u64,
+    /// Guest instances alive at once in one sandbox (its pooling allocator's slots).
+    pub sandbox_max_instances: u32,
+    /// Writable memory a sandbox may map beyond its containers' memory limits: runtime,
+    /// stacks and buffers (RLIMIT_DATA is the sum).
+    pub sandbox_memory_overhead: u64,
+    /// How long a new sandbox may take to build its jail and load its artifacts.
+    pub sandbox_start_timeout: Duration,
 }
 
 impl NodeSettings {
@@ -72,6 +99,14 @@ impl NodeSettings {
             log_max_files: 5,
             log_follow_poll: Duration::from_millis(200),
             registry_timeout: Duration::from_secs(30),
+            isolation: Isolation::Sandbox,
+            id_pool_base: 1_000_000,
+            id_pool_ranges: 4096,
+            allow_host_users: false,
+            sandbox_max_threads: 64,
+            sandbox_max_instances: 64,
+            sandbox_memory_overhead: 512 << 20,
+            sandbox_start_timeout: Duration::from_secs(10),
         }
     }
 }

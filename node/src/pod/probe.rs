@@ -8,7 +8,7 @@ use http_body_util::Empty;
 use k8s_openapi::api::core::v1::Probe;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::runtime::HttpApp;
+use crate::sandbox::Service;
 
 /// A probe's timing, with Kubernetes' defaults.
 #[derive(Debug, Clone, Copy)]
@@ -36,7 +36,7 @@ impl ProbeTiming {
 }
 
 /// Runs one probe: success is a status in 200..400 within the timeout.
-pub async fn probe_http(app: &HttpApp, probe: &Probe, timing: &ProbeTiming) -> bool {
+pub async fn probe_http(app: &Service, probe: &Probe, timing: &ProbeTiming) -> bool {
     let Some(get) = &probe.http_get else {
         return false;
     };

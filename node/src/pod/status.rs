@@ -77,6 +77,9 @@ pub struct PodRecord {
     pub initialized_at: Option<Timestamp>,
     /// When the pod reached its current readiness.
     pub ready_since: Timestamp,
+    /// Why the node refused to run the pod at all (reason, message), as a kubelet's
+    /// admission failure: the pod is Failed with this reason.
+    pub rejected: Option<(String, String)>,
 }
 
 impl PodRecord {
@@ -109,6 +112,7 @@ impl PodRecord {
             host_ip,
             initialized_at: None,
             ready_since: now,
+            rejected: None,
         }
     }
 
@@ -122,6 +126,9 @@ impl PodRecord {
 
     /// The phase Kubernetes would report for these container states.
     pub fn phase(&self) -> PodPhase {
+        if self.rejected.is_some() {
+            return PodPhase::Failed;
+        }
         if self.containers.iter().all(|c| c.finished) {
             let all_ok = self
                 .containers
@@ -183,6 +190,8 @@ impl PodRecord {
             container_statuses: Some(self.containers.iter().map(container_status).collect()),
             host_ip: Some(self.host_ip.clone()),
             start_time: time(self.start_time),
+            reason: self.rejected.as_ref().map(|(reason, _)| reason.clone()),
+            message: self.rejected.as_ref().map(|(_, message)| message.clone()),
             ..Default::default()
         }
     }

@@ -14,9 +14,18 @@ use super::probe::{ProbeTiming, probe_http};
 use super::status::{ContainerState, PodRecord, Terminated};
 use crate::agent::NodeContext;
 use crate::images::{PullPolicy, PulledImage};
-use crate::logs::ContainerLog;
+use crate::logs::GuestOutput;
+use crate::logs::{ContainerLog, Stream};
 use crate::metrics::Metrics;
-use crate::runtime::{App, CommandApp, ExitStatus, GuestContext, HttpApp};
+use crate::runtime::{ExitStatus, GuestContext, Outbound, OutboundPolicy};
+use crate::sandbox::{Command, PodSandbox, SandboxEvents, SandboxPlan, SandboxService, Service};
+use crate::settings::Isolation;
+
+/// A prepared container, wherever its guests run.
+enum App {
+    Http(Service),
+    Command(Command),
+}
 
 /// How long a failed pull shows as ErrImagePull before the back-off state (at most half
 /// the back-off).
@@ -61,6 +70,7 @@ impl PodHandle {
             record: record.clone(),
             stop: stop_rx,
             key: key.clone(),
+            sandbox: None,
         };
         let span = tracing::info_span!("pod", pod = %key, uid = %uid);
         let task = tokio::spawn(worker.run().instrument(span));
@@ -92,6 +102,8 @@ struct Worker {
     record: Arc<RwLock<PodRecord>>,
     stop: watch::Receiver<bool>,
     key: String,
+    /// The pod's sandbox, once started (sandboxed isolation only).
+    sandbox: Option<Arc<PodSandbox>>,
 }
 
 /// Resolves when a stop is requested (or the handle is gone).
@@ -158,12 +170,19 @@ impl Worker {
                 PodState::Starting(images) => self.start(images).await,
                 PodState::Running(apps) => self.supervise(apps).await,
                 PodState::Finished => {
+                    // Nothing will run again: the sandbox goes now, not when the pod does.
+                    if let Some(sandbox) = self.sandbox.take() {
+                        sandbox.stop(self.grace()).await;
+                    }
                     tracing::info!(phase = ?self.record.read().map(|r| r.phase()).ok(), "pod finished");
                     stopped(&mut self.stop).await;
                     PodState::Stopped
                 }
                 PodState::Stopped => break,
             };
+        }
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.stop(self.grace()).await;
         }
         tracing::info!("pod stopped");
     }
@@ -231,7 +250,7 @@ impl Worker {
         &self,
         container: &Container,
         memory_limit: u64,
-        log: Arc<ContainerLog>,
+        log: Arc<dyn GuestOutput>,
     ) -> GuestContext {
         let pod = self.pod();
         let mut args: Vec<String> = container
@@ -268,25 +287,233 @@ impl Worker {
                 (e.name.clone(), value)
             })
             .collect();
-        // Validated with the manifest; an unreadable list here would mean "allow nothing".
-        let allowed = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(brink_proto::outbound::ALLOWED_OUTBOUND_HOSTS))
-            .and_then(|v| brink_proto::outbound::parse_allowed_hosts(v).ok())
-            .unwrap_or_default();
         GuestContext {
             args,
             env,
             memory_limit,
             log,
-            outbound: crate::runtime::OutboundPolicy::new(allowed),
+            outbound: Outbound::Direct(self.outbound_policy()),
             name: format!("{}/{}", self.key, container.name),
         }
     }
 
+    /// The pod's outbound allow-list. Validated with the manifest; an unreadable list here
+    /// would mean "allow nothing".
+    fn outbound_policy(&self) -> OutboundPolicy {
+        let allowed = self
+            .record
+            .read()
+            .ok()
+            .and_then(|r| {
+                r.pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(brink_proto::outbound::ALLOWED_OUTBOUND_HOSTS))
+                    .and_then(|v| brink_proto::outbound::parse_allowed_hosts(v).ok())
+            })
+            .unwrap_or_default();
+        OutboundPolicy::new(allowed)
+    }
+
+    /// Refuses the pod for good, as a kubelet's admission does.
+    async fn reject(&mut self, reason: &str, message: String) -> PodState {
+        tracing::warn!(%reason, %message, "pod rejected");
+        self.update(|r| r.rejected = Some((reason.to_string(), message)));
+        stopped(&mut self.stop).await;
+        PodState::Stopped
+    }
+
     async fn start(&mut self, images: Vec<PulledImage>) -> PodState {
+        match self.ctx.settings.isolation {
+            Isolation::InProcess => self.start_in_process(images).await,
+            Isolation::Sandbox => self.start_sandboxed(images).await,
+        }
+    }
+
+    /// Waits out a failed start, showing the reason on every container.
+    async fn start_failed(&mut self, message: String) -> PodState {
+        tracing::warn!(%message, "cannot start the pod");
+        let names: Vec<String> =
+            self.spec(|s| s.containers.iter().map(|c| c.name.clone()).collect());
+        for name in names {
+            let message = message.clone();
+            self.set_container(&name, |c| {
+                c.state = ContainerState::Waiting {
+                    reason: "CreateContainerError".into(),
+                    message: Some(message),
+                }
+            });
+        }
+        tokio::select! {
+            () = tokio::time::sleep(self.ctx.settings.crash_loop_backoff_initial) => PodState::Pulling,
+            () = stopped(&mut self.stop) => PodState::Stopped,
+        }
+    }
+
+    /// Starts the pod's sandbox: checks the policy, takes the pod's ID range, compiles
+    /// (or finds) each artifact, and waits for the sandbox to load them.
+    async fn start_sandboxed(&mut self, images: Vec<PulledImage>) -> PodState {
+        let settings = &self.ctx.settings;
+        let host_users = self.spec(|s| s.host_users) == Some(true);
+        if host_users && !settings.allow_host_users {
+            return self
+                .reject(
+                    "HostUsersNotAllowed",
+                    "the pod asks for hostUsers: true, which this node's policy does not allow (--allow-host-users)".into(),
+                )
+                .await;
+        }
+        if !host_users && let Err(reason) = &self.ctx.user_namespaces {
+            let message = format!("the pod needs a user namespace and {reason}");
+            return self.reject("UserNamespacesUnavailable", message).await;
+        }
+        let uid = self
+            .record
+            .read()
+            .ok()
+            .and_then(|r| r.pod.metadata.uid.clone())
+            .unwrap_or_default();
+        let ids = if host_users {
+            None
+        } else {
+            let ranges = self.ctx.id_ranges.clone();
+            let pod_uid = uid.clone();
+            match tokio::task::spawn_blocking(move || ranges.allocate(&pod_uid)).await {
+                Ok(Ok(range)) => Some(range),
+                Ok(Err(e)) => return self.start_failed(e.to_string()).await,
+                Err(e) => return self.start_failed(format!("ID range task: {e}")).await,
+            }
+        };
+        let containers = self.spec(|s| s.containers.clone());
+        let mut specs = Vec::with_capacity(containers.len());
+        let mut files = Vec::new();
+        let mut logs = std::collections::HashMap::new();
+        let mut total_memory: u64 = 0;
+        for (container, image) in containers.iter().zip(&images) {
+            let prepared = async {
+                let memory_limit = self.memory_limit(container)?;
+                let log = self
+                    .ctx
+                    .container_log(&self.pod(), &container.name)
+                    .map_err(|e| format!("cannot open the container log: {e}"))?;
+                let path = self
+                    .ctx
+                    .runtime
+                    .ensure_compiled(&image.layer_digest, &image.blob_path)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((memory_limit, log, path))
+            }
+            .await;
+            let (memory_limit, log, path) = match prepared {
+                Ok(p) => p,
+                Err(message) => {
+                    return self
+                        .start_failed(format!("container {}: {message}", container.name))
+                        .await;
+                }
+            };
+            total_memory = total_memory.saturating_add(memory_limit);
+            let file_name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let inside = format!("/artifacts/{file_name}");
+            if !files
+                .iter()
+                .any(|(_, i): &(std::path::PathBuf, String)| *i == inside)
+            {
+                files.push((path, inside.clone()));
+            }
+            let context = self.guest_context(container, memory_limit, log.clone());
+            logs.insert(container.name.clone(), log);
+            specs.push(brink_proto::sandbox::ContainerSpec {
+                name: container.name.clone(),
+                artifact: inside,
+                args: context.args,
+                env: context.env,
+                memory_limit,
+            });
+        }
+        let plan = SandboxPlan {
+            name: self.key.clone(),
+            root: settings.data_dir.join("sandboxes").join(&uid),
+            ids,
+            files,
+            dirs: Vec::new(),
+            hostname: self
+                .record
+                .read()
+                .ok()
+                .and_then(|r| r.pod.metadata.name.clone())
+                .unwrap_or_else(|| "pod".into()),
+            max_threads: settings.sandbox_max_threads,
+            max_data_bytes: total_memory.saturating_add(settings.sandbox_memory_overhead),
+            mode: brink_proto::sandbox::SandboxMode::Pod,
+        };
+        let start = brink_proto::sandbox::Start {
+            pod: self.key.clone(),
+            engine: brink_proto::sandbox::EngineSpec {
+                epoch_tick_ms: u64::try_from(settings.epoch_tick.as_millis()).unwrap_or(10),
+                request_deadline_ms: u64::try_from(settings.request_deadline.as_millis())
+                    .unwrap_or(u64::MAX),
+                max_instances: settings.sandbox_max_instances,
+                max_guest_memory: settings.max_guest_memory,
+            },
+            containers: specs,
+        };
+        let events = Arc::new(PodEvents {
+            logs,
+            policy: self.outbound_policy(),
+        });
+        let sandbox = PodSandbox::new(
+            plan,
+            start,
+            events,
+            settings.sandbox_start_timeout,
+            settings.request_deadline,
+            self.ctx.metrics.clone(),
+        );
+        let services = tokio::select! {
+            r = sandbox.ensure() => r,
+            () = stopped(&mut self.stop) => return PodState::Stopped,
+        };
+        let services = match services {
+            Ok((_, services)) => services,
+            Err(message) => {
+                // A compiled file the sandbox cannot load is compiled again next time.
+                for image in &images {
+                    if message.contains("compiled artifact") {
+                        self.ctx.runtime.discard_compiled(&image.layer_digest).await;
+                    }
+                }
+                return self.start_failed(message).await;
+            }
+        };
+        self.sandbox = Some(sandbox.clone());
+        let apps = containers
+            .into_iter()
+            .map(|container| {
+                let app = if services.contains(&container.name) {
+                    App::Http(Service::Sandboxed(SandboxService::new(
+                        sandbox.clone(),
+                        container.name.clone(),
+                    )))
+                } else {
+                    App::Command(Command::Sandboxed {
+                        pod: sandbox.clone(),
+                        container: container.name.clone(),
+                    })
+                };
+                (container, app)
+            })
+            .collect();
+        self.update(|r| r.initialized_at = Some(Timestamp::now()));
+        PodState::Running(apps)
+    }
+
+    async fn start_in_process(&mut self, images: Vec<PulledImage>) -> PodState {
         let containers = self.spec(|s| s.containers.clone());
         let mut apps = Vec::with_capacity(containers.len());
         for (container, image) in containers.into_iter().zip(images) {
@@ -309,7 +536,12 @@ impl Worker {
             }
             .await;
             match prepared {
-                Ok(app) => apps.push((container, app)),
+                Ok(crate::runtime::App::Http(app)) => {
+                    apps.push((container, App::Http(Service::InProcess(app))))
+                }
+                Ok(crate::runtime::App::Command(app)) => {
+                    apps.push((container, App::Command(Command::InProcess(app))))
+                }
                 Err(message) => {
                     tracing::warn!(container = %container.name, %message, "cannot start container");
                     self.set_container(&container.name, |c| {
@@ -376,7 +608,7 @@ impl Worker {
     async fn supervise_command(
         &self,
         container: Container,
-        app: CommandApp,
+        app: Command,
         mut stop: watch::Receiver<bool>,
     ) {
         let name = container.name.clone();
@@ -464,7 +696,7 @@ impl Worker {
     async fn supervise_http(
         &self,
         container: Container,
-        app: Arc<HttpApp>,
+        app: Service,
         mut stop: watch::Receiver<bool>,
     ) {
         let name = container.name.clone();
@@ -534,6 +766,12 @@ impl Worker {
             tokio::select! {
                 () = sleep => {}
                 () = stopped(&mut stop) => break,
+                end = app.sandbox_ended() => {
+                    if !self.restart_sandbox(&name, &end, &mut backoff, &mut stop).await {
+                        break;
+                    }
+                    continue;
+                }
             }
             if let Some(probe) = readiness.as_mut().filter(|p| p.is_due())
                 && let Some(ready) = probe.run(&app).await
@@ -587,6 +825,100 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// A service's sandbox died: record it as the container's last termination, back
+    /// off, and start a new sandbox. Returns false when the pod is being stopped.
+    async fn restart_sandbox(
+        &self,
+        name: &str,
+        end: &crate::sandbox::SandboxEnd,
+        backoff: &mut Duration,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let description = end.describe();
+        tracing::warn!(container = %name, end = %description, "sandbox died");
+        let finished_at = Timestamp::now();
+        let terminated = Terminated {
+            exit_code: end.exit_code(),
+            reason: "Error".into(),
+            message: Some(description),
+            started_at: self
+                .record
+                .read()
+                .ok()
+                .and_then(|r| {
+                    r.containers
+                        .iter()
+                        .find(|c| c.name == name)
+                        .and_then(|c| match &c.state {
+                            ContainerState::Running { started_at } => Some(*started_at),
+                            _ => None,
+                        })
+                })
+                .unwrap_or(finished_at),
+            finished_at,
+        };
+        loop {
+            let message = format!(
+                "back-off {}s restarting failed container={name} pod={}",
+                backoff.as_secs_f64(),
+                self.key
+            );
+            self.set_container(name, |c| {
+                c.last_state = Some(terminated.clone());
+                c.state = ContainerState::Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: Some(message),
+                };
+                c.ready = false;
+            });
+            tokio::select! {
+                () = tokio::time::sleep(*backoff) => {}
+                () = stopped(stop) => return false,
+            }
+            *backoff = next_backoff(*backoff, self.ctx.settings.backoff_max);
+            let Some(sandbox) = &self.sandbox else {
+                return false;
+            };
+            match sandbox.ensure().await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(container = %name, error = %e, "cannot restart the sandbox")
+                }
+            }
+        }
+        self.set_container(name, |c| {
+            c.restart_count += 1;
+            c.state = ContainerState::Running {
+                started_at: Timestamp::now(),
+            };
+            c.ready = true;
+        });
+        Metrics::inc(&self.ctx.metrics.container_restarts);
+        true
+    }
+}
+
+/// Where a sandboxed pod's output and outbound calls go.
+struct PodEvents {
+    logs: std::collections::HashMap<String, Arc<ContainerLog>>,
+    policy: OutboundPolicy,
+}
+
+impl SandboxEvents for PodEvents {
+    fn output(&self, container: &str, stream: Stream, bytes: &[u8]) {
+        if let Some(log) = self.logs.get(container) {
+            log.write(stream, bytes);
+        }
+    }
+
+    fn outbound_policy(&self, container: &str) -> Option<OutboundPolicy> {
+        self.logs
+            .contains_key(container)
+            .then(|| self.policy.clone())
+    }
+}
+
 /// One probe's schedule and thresholds.
 struct ProbeLoop {
     probe: Probe,
@@ -619,7 +951,7 @@ impl ProbeLoop {
     }
 
     /// Runs the probe; returns the new verdict once a threshold is crossed.
-    async fn run(&mut self, app: &HttpApp) -> Option<bool> {
+    async fn run(&mut self, app: &Service) -> Option<bool> {
         let ok = probe_http(app, &self.probe, &self.timing).await;
         self.due = Instant::now() + self.timing.period;
         if ok {

@@ -22,6 +22,15 @@ use crate::metrics::Metrics;
 /// The response body type of every guest response and every error the node makes.
 pub type HttpBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+/// How a guest failed a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestFailure {
+    /// It ran past its CPU deadline (504).
+    Deadline,
+    /// It trapped, or answered nothing (500).
+    Error,
+}
+
 /// A wasi:http component ready to serve.
 pub struct HttpApp {
     runtime: Arc<Runtime>,
@@ -65,6 +74,19 @@ impl HttpApp {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
+        self.handle_with_outcome(request).await.0
+    }
+
+    /// As [`HttpApp::handle`], also saying whether the guest failed (for a sandbox to
+    /// report to its agent's metrics).
+    pub async fn handle_with_outcome<B>(
+        &self,
+        request: Request<B>,
+    ) -> (Response<HttpBody>, Option<GuestFailure>)
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
         let metrics = &self.runtime.metrics;
         // The node-wide request count doubles as the request id in traces.
         let id = metrics.http_requests.fetch_add(1, Ordering::Relaxed) + 1;
@@ -72,16 +94,21 @@ impl HttpApp {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let response = self.handle_inner(request).instrument(span).await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        response.unwrap_or_else(|(status, message)| {
-            if status == StatusCode::GATEWAY_TIMEOUT {
-                Metrics::inc(&metrics.http_deadline_exceeded);
-            } else {
-                Metrics::inc(&metrics.http_guest_errors);
+        match response {
+            Ok(response) => (response, None),
+            Err((status, message)) => {
+                let failure = if status == StatusCode::GATEWAY_TIMEOUT {
+                    Metrics::inc(&metrics.http_deadline_exceeded);
+                    GuestFailure::Deadline
+                } else {
+                    Metrics::inc(&metrics.http_guest_errors);
+                    GuestFailure::Error
+                };
+                self.ctx.log.note(&format!("request failed: {message}"));
+                tracing::debug!(container = %self.ctx.name, %status, %message, "guest request failed");
+                (text_response(status, format!("{message}\n")), Some(failure))
             }
-            self.ctx.log.note(&format!("request failed: {message}"));
-            tracing::debug!(container = %self.ctx.name, %status, %message, "guest request failed");
-            text_response(status, format!("{message}\n"))
-        })
+        }
     }
 
     async fn handle_inner<B>(

@@ -24,10 +24,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 pub use command::{CommandApp, ExitStatus};
-pub use http::{HttpApp, HttpBody};
-pub use outbound::OutboundPolicy;
+pub use http::{GuestFailure, HttpApp, HttpBody, text_response};
+pub use outbound::{Outbound, OutboundPolicy, OutboundRelay, SendFuture};
 
-use crate::logs::ContainerLog;
+use crate::logs::{GuestOutput, LogWriter};
 use crate::metrics::Metrics;
 use crate::oci::artifact::{WasmKind, wasm_kind};
 use crate::settings::NodeSettings;
@@ -66,7 +66,7 @@ pub struct HostState {
     pub(crate) http: WasiHttpCtx,
     pub(crate) table: ResourceTable,
     pub(crate) limits: StoreLimits,
-    pub(crate) outbound: OutboundPolicy,
+    pub(crate) outbound: Outbound,
 }
 
 impl WasiView for HostState {
@@ -102,9 +102,11 @@ pub struct GuestContext {
     pub env: Vec<(String, String)>,
     /// Linear memory cap in bytes.
     pub memory_limit: u64,
-    pub log: Arc<ContainerLog>,
+    /// Where the guest's stdout and stderr go: the container log in the agent, the link
+    /// to the agent in a sandbox.
+    pub log: Arc<dyn GuestOutput>,
     /// Where the guest may send HTTP requests.
-    pub outbound: OutboundPolicy,
+    pub outbound: Outbound,
     /// `namespace/pod/container`, for traces.
     pub name: String,
 }
@@ -116,8 +118,14 @@ impl GuestContext {
         let mut wasi = WasiCtx::builder();
         wasi.args(&self.args)
             .envs(&self.env)
-            .stdout(self.log.writer(crate::logs::Stream::Stdout))
-            .stderr(self.log.writer(crate::logs::Stream::Stderr));
+            .stdout(LogWriter::new(
+                self.log.clone(),
+                crate::logs::Stream::Stdout,
+            ))
+            .stderr(LogWriter::new(
+                self.log.clone(),
+                crate::logs::Stream::Stderr,
+            ));
         wasi
     }
 }
@@ -127,7 +135,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     p1_linker: wasmtime::Linker<P1State>,
-    compiled_dir: PathBuf,
+    /// The on-disk cache of compiled artifacts (`None` in a sandbox, which only loads).
+    compiled_dir: Option<PathBuf>,
     loaded: Mutex<HashMap<String, Loaded>>,
     compiling: crate::keyed_lock::KeyedLocks,
     settings: NodeSettings,
@@ -142,7 +151,27 @@ impl Drop for Runtime {
 }
 
 impl Runtime {
+    /// The agent's runtime: compiles artifacts into `data_dir/compiled/<engine hash>/`.
     pub fn new(settings: &NodeSettings, metrics: Arc<Metrics>) -> Result<Arc<Self>, RuntimeError> {
+        Self::build(settings, metrics, true)
+    }
+
+    /// A sandbox's runtime: the same engine configuration as the agent that compiled its
+    /// artifacts (so they load), its own smaller pool, and no compile cache.
+    pub fn for_sandbox(spec: &brink_proto::sandbox::EngineSpec) -> Result<Arc<Self>, RuntimeError> {
+        let mut settings = NodeSettings::new("/");
+        settings.epoch_tick = std::time::Duration::from_millis(spec.epoch_tick_ms.max(1));
+        settings.request_deadline = std::time::Duration::from_millis(spec.request_deadline_ms);
+        settings.max_instances = spec.max_instances.max(1);
+        settings.max_guest_memory = spec.max_guest_memory;
+        Self::build(&settings, Arc::new(Metrics::default()), false)
+    }
+
+    fn build(
+        settings: &NodeSettings,
+        metrics: Arc<Metrics>,
+        compile_cache: bool,
+    ) -> Result<Arc<Self>, RuntimeError> {
         let mut pool = PoolingAllocationConfig::default();
         let slots = settings.max_instances;
         pool.total_component_instances(slots)
@@ -166,16 +195,21 @@ impl Runtime {
             .map_err(engine_err)?;
 
         // Compiled code is only valid for an engine with identical settings and version.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let compiled_dir = settings
-            .data_dir
-            .join("compiled")
-            .join(format!("{:016x}", hasher.finish()));
-        std::fs::create_dir_all(&compiled_dir).map_err(|source| RuntimeError::Io {
-            context: format!("create {}", compiled_dir.display()),
-            source,
-        })?;
+        let compiled_dir = if compile_cache {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut hasher);
+            let dir = settings
+                .data_dir
+                .join("compiled")
+                .join(format!("{:016x}", hasher.finish()));
+            std::fs::create_dir_all(&dir).map_err(|source| RuntimeError::Io {
+                context: format!("create {}", dir.display()),
+                source,
+            })?;
+            Some(dir)
+        } else {
+            None
+        };
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let tick = settings.epoch_tick;
@@ -226,9 +260,7 @@ impl Runtime {
             Metrics::inc(&self.metrics.compile_cache_hits);
             return Ok(loaded);
         }
-        let hex = crate::oci::validate_digest(digest)
-            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-        let cached = self.compiled_dir.join(format!("{hex}.cwasm"));
+        let cached = self.compiled_path(digest)?;
         let this = Arc::clone(self);
         let (digest_owned, blob) = (digest.to_string(), blob.to_path_buf());
         let (loaded, compiled) =
@@ -244,6 +276,78 @@ impl Runtime {
             map.insert(digest.to_string(), loaded.clone());
         }
         Ok(loaded)
+    }
+
+    fn compiled_path(&self, digest: &str) -> Result<PathBuf, RuntimeError> {
+        let hex = crate::oci::validate_digest(digest)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let dir = self
+            .compiled_dir
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Invalid("this runtime does not compile".into()))?;
+        Ok(dir.join(format!("{hex}.cwasm")))
+    }
+
+    /// The compiled artifact of `digest` on disk, compiling it first if needed, for a
+    /// sandbox to map. Only the file is kept: the agent holds no guest code in memory.
+    pub async fn ensure_compiled(
+        self: &Arc<Self>,
+        digest: &str,
+        blob: &Path,
+    ) -> Result<PathBuf, RuntimeError> {
+        let _guard = self.compiling.lock(digest).await;
+        let cached = self.compiled_path(digest)?;
+        if tokio::fs::try_exists(&cached).await.unwrap_or(false) {
+            Metrics::inc(&self.metrics.compile_cache_hits);
+            return Ok(cached);
+        }
+        let this = Arc::clone(self);
+        let (digest_owned, blob, path) = (digest.to_string(), blob.to_path_buf(), cached.clone());
+        let (_, compiled) =
+            tokio::task::spawn_blocking(move || this.load_blocking(&digest_owned, &blob, &path))
+                .await
+                .map_err(|e| RuntimeError::Engine(format!("compile task failed: {e}")))??;
+        if compiled {
+            Metrics::inc(&self.metrics.compilations);
+        }
+        Ok(cached)
+    }
+
+    /// Forgets a compiled artifact that a sandbox could not load, so the next start
+    /// compiles it again.
+    pub async fn discard_compiled(&self, digest: &str) {
+        if let Ok(path) = self.compiled_path(digest) {
+            let _ = tokio::fs::remove_file(path).await;
+        }
+    }
+
+    /// Loads an artifact compiled by an agent with the same engine configuration (in a
+    /// sandbox: the read-only file in its root). Blocking (it maps the file).
+    pub fn load_precompiled(&self, path: &Path) -> Result<Loaded, RuntimeError> {
+        let invalid = |e: wasmtime::Error| {
+            RuntimeError::Invalid(format!("compiled artifact {}: {e:#}", path.display()))
+        };
+        let kind = Engine::detect_precompiled_file(path).map_err(invalid)?;
+        // SAFETY: the file was written by `serialize` of an engine with this configuration
+        // (the agent keys its directory by the compatibility hash) and is mounted read-only;
+        // wasmtime checks the header and engine compatibility before using it.
+        unsafe {
+            match kind {
+                Some(wasmtime::Precompiled::Component) => {
+                    Component::deserialize_file(&self.engine, path).map(Loaded::Component)
+                }
+                Some(wasmtime::Precompiled::Module) => {
+                    Module::deserialize_file(&self.engine, path).map(Loaded::Module)
+                }
+                None => {
+                    return Err(RuntimeError::Invalid(format!(
+                        "{} is not a compiled artifact",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        .map_err(invalid)
     }
 
     fn load_blocking(

@@ -1,6 +1,7 @@
 //! Outbound HTTP from guests (`wasi:http/outgoing-handler`): denied unless the pod's
 //! allow-list (`brink.dev/allowed-outbound-hosts`) names the host. Allowed requests go out
-//! through wasi-http's own client.
+//! through wasi-http's own client, from the agent: a sandboxed guest's request is relayed
+//! to the agent ([`Outbound::Relay`]), which applies the allow-list itself.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ pub struct OutboundPolicy {
     allowed: Arc<Vec<HostPattern>>,
 }
 
-type SendFuture = Box<
+pub type SendFuture = Box<
     dyn Future<
             Output = Result<
                 (
@@ -62,5 +63,33 @@ impl WasiHttpHooks for OutboundPolicy {
                 Box::new(io) as Box<dyn Future<Output = _> + Send>,
             ))
         })
+    }
+}
+
+/// Sends a guest's outbound request somewhere else (a sandbox: to its agent).
+pub trait OutboundRelay: Send + Sync + 'static {
+    fn send(&self, request: http::Request<WasiBody>) -> SendFuture;
+}
+
+/// Where a guest's outbound requests go.
+#[derive(Clone)]
+pub enum Outbound {
+    /// Checked against the allow-list and sent from this process.
+    Direct(OutboundPolicy),
+    /// Handed to the agent, which checks and sends it.
+    Relay(Arc<dyn OutboundRelay>),
+}
+
+impl WasiHttpHooks for Outbound {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> SendFuture {
+        match self {
+            Outbound::Direct(policy) => policy.send_request(request, options, fut),
+            Outbound::Relay(relay) => relay.send(request),
+        }
     }
 }
