@@ -96,6 +96,21 @@ impl Agent {
         if let Err(reason) = &user_namespaces {
             tracing::warn!(%reason, "pods that need a user namespace will be refused");
         }
+        if settings.isolation == crate::settings::Isolation::Sandbox {
+            // Sandboxes are capped by rlimits (threads: RLIMIT_NPROC of their own uid;
+            // writable memory: RLIMIT_DATA). cgroup v2 limits are not applied yet; say so
+            // plainly, with what this host offers.
+            let controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers");
+            match controllers {
+                Ok(c) => tracing::warn!(
+                    controllers = %c.trim(),
+                    "cgroup v2 limits are not applied to sandboxes yet; threads and memory are capped by rlimits"
+                ),
+                Err(_) => tracing::warn!(
+                    "no cgroup v2 hierarchy at /sys/fs/cgroup (cgroup v1 or hybrid host): sandboxes get no cgroup limits; threads and memory are capped by rlimits"
+                ),
+            }
+        }
         if settings.isolation == crate::settings::Isolation::InProcess {
             tracing::warn!(
                 "guests run inside the agent process (--isolation=in-process): no sandbox"

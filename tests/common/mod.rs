@@ -269,6 +269,8 @@ pub struct Node {
     pub log_path: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// A command the node runs under (`unshare ...`), if any.
+    wrapper: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -280,6 +282,11 @@ impl Node {
     }
 
     pub fn start_with(extra: &[&str]) -> Node {
+        Node::start_wrapped(&[], extra)
+    }
+
+    /// Starts a node under `wrapper` (its program and arguments, then brink's own).
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let manifests = dir.path().join("manifests");
         std::fs::create_dir_all(&manifests).expect("manifests dir");
@@ -290,6 +297,7 @@ impl Node {
             log_path: dir.path().join("node.log"),
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             _dir: dir,
         };
         node.spawn();
@@ -302,7 +310,15 @@ impl Node {
             .append(true)
             .open(&self.log_path)
             .expect("node log");
-        let child = Command::new(brink_bin())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(brink_bin());
+                c
+            }
+            None => Command::new(brink_bin()),
+        };
+        let child = command
             .arg("node")
             .arg("--manifests")
             .arg(&self.manifests)
@@ -516,4 +532,44 @@ pub fn has_row(table: &str, name: &str, text: &str) -> bool {
     table
         .lines()
         .any(|l| l.split_whitespace().next() == Some(name) && l.contains(text))
+}
+
+/// The sandbox processes a node has started (its children running `sandbox-init`).
+pub fn sandbox_pids(node_pid: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("sandbox-init") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // "pid (comm) state ppid ...": the comm may hold spaces, so split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(node_pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A field of /proc/PID/status (`Uid`, `CapEff`, ...), or "" when the process is gone.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
 }

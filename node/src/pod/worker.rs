@@ -319,7 +319,15 @@ impl Worker {
     /// Refuses the pod for good, as a kubelet's admission does.
     async fn reject(&mut self, reason: &str, message: String) -> PodState {
         tracing::warn!(%reason, %message, "pod rejected");
-        self.update(|r| r.rejected = Some((reason.to_string(), message)));
+        self.update(|r| {
+            for c in &mut r.containers {
+                c.state = ContainerState::Waiting {
+                    reason: reason.to_string(),
+                    message: Some(message.clone()),
+                };
+            }
+            r.rejected = Some((reason.to_string(), message));
+        });
         stopped(&mut self.stop).await;
         PodState::Stopped
     }

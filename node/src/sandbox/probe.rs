@@ -189,6 +189,15 @@ async fn attempt(attack: &str, args: &[String]) -> String {
                 }
                 format!("memory allocated={total} error={error}")
             }
+            "garble" => {
+                // Hostile bytes straight onto the link: a frame of another version.
+                let junk = [0u8, 0, 0, 3, 0xee, 0xff, 0x00];
+                errno_text(libc::write(
+                    super::spawn::SANDBOX_SOCKET_FD,
+                    junk.as_ptr().cast(),
+                    junk.len(),
+                ) as i64)
+            }
             other => format!("unknown attack {other:?}"),
         }
     }
