@@ -8,6 +8,8 @@
 //! 2. Cold start, manifest written → first 200: with the artifact cached, and pulled from a
 //!    local registry (a 2 MB artifact: hello padded with a custom section).
 //! 3. The node's resident memory idle and with 100 idle hello pods.
+//! 4. (issue 3) hello through the sandboxed path vs the in-process path, sandbox start
+//!    time, and memory per idle sandbox with 100 hello pods, each in its own sandbox.
 //!
 //! Figures go to stdout; nothing here passes or fails on a number.
 
@@ -220,6 +222,124 @@ fn main() {
     if run("memory") {
         memory();
     }
+    if run("sandbox") {
+        sandbox(seconds, connections);
+    }
+}
+
+/// A field of /proc/PID/smaps_rollup in KiB (Rss, Pss, Private_Dirty, ...).
+fn smaps_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix(&format!("{field}:"))
+                    .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// Issue 3: what the sandbox costs, against the in-process path, in one run.
+fn sandbox(seconds: u32, connections: u32) {
+    let layout = tempfile::tempdir().expect("tempdir");
+    let hello = layout_image(layout.path(), "hello");
+    let url = |port: u16| format!("http://127.0.0.1:{port}/");
+    let mut loads = Vec::new();
+    for (label, flags) in [
+        ("in-process", &["--isolation", "in-process"][..]),
+        ("sandboxed", &[][..]),
+    ] {
+        let mut args = vec!["--request-deadline", "10s"];
+        args.extend_from_slice(flags);
+        let node = Node::start_with(&args);
+        let port = free_port();
+        node.write_manifest("hello.yaml", &service_pod("hello", &hello, port, &[]));
+        node.wait_ready("hello");
+        let _warm = wrk(&url(port), 2, connections);
+        loads.push((label, wrk(&url(port), seconds, connections)));
+    }
+    println!("## hello: sandboxed path vs in-process path (same node binary, same load)");
+    println!("| path | requests/s | p50 µs | p99 µs |\n|---|---|---|---|");
+    for (label, load) in &loads {
+        println!(
+            "| {label} | {:.0} | {:.0} | {:.0} |",
+            load.rps, load.p50_us, load.p99_us
+        );
+    }
+    let (inproc, sandboxed) = (&loads[0].1, &loads[1].1);
+    println!(
+        "ratio sandboxed / in-process: throughput {:.2}x, p99 {:.2}x (goal: throughput >= 0.8x)\n",
+        sandboxed.rps / inproc.rps,
+        sandboxed.p99_us / inproc.p99_us
+    );
+
+    // 100 hello pods, each in its own sandbox: start times from the node's log, memory
+    // from the sandboxes' own accounting.
+    let node = Node::start_with(&["--manifest-poll-interval", "100ms"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = node.pid().expect("node pid");
+    let idle = rss_kib(pid);
+    let mut manifests = String::new();
+    for i in 0..100 {
+        manifests.push_str(&service_pod(&format!("idle-{i}"), &hello, free_port(), &[]));
+        manifests.push_str("---\n");
+    }
+    node.write_manifest("hundred.yaml", &manifests);
+    wait_for("100 sandboxes", || {
+        (sandbox_pids(pid).len() == 100).then_some(())
+    });
+    wait_for("100 ready pods", || {
+        let ready = node
+            .pods()
+            .iter()
+            .filter(|p| container_status(p)["ready"] == true)
+            .count();
+        (ready == 100).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let pids = sandbox_pids(pid);
+    let sum = |field: &str| pids.iter().map(|p| smaps_kib(*p, field)).sum::<u64>() as f64;
+    let n = pids.len() as f64;
+    let mut starts: Vec<f64> = node
+        .log()
+        .lines()
+        .filter(|l| l.contains("sandbox ready"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("start_us="))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|us| us / 1e3)
+        .collect();
+    starts.sort_by(|a, b| a.total_cmp(b));
+    println!("## 100 idle hello pods, each in its own sandbox");
+    println!(
+        "sandbox start (spawn → jail → artifacts loaded → ready), {} starts: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 <= 10 ms)",
+        starts.len(),
+        percentile(&starts, 0.5),
+        percentile(&starts, 0.99),
+        percentile(&starts, 1.0)
+    );
+    println!("| per idle sandbox | KiB |\n|---|---|");
+    println!(
+        "| RSS (counts shared pages in full) | {:.0} |",
+        sum("Rss") / n
+    );
+    println!(
+        "| PSS (shared pages split among sharers) | {:.0} |",
+        sum("Pss") / n
+    );
+    println!(
+        "| private (Private_Clean + Private_Dirty) | {:.0} |",
+        (sum("Private_Clean") + sum("Private_Dirty")) / n
+    );
+    println!(
+        "agent RSS: {:.1} MiB idle, {:.1} MiB with 100 sandboxed pods",
+        idle as f64 / 1024.0,
+        rss_kib(pid) as f64 / 1024.0
+    );
+    println!("goal: <= 4 MB per idle sandbox\n");
 }
 
 /// Requests through Brink's host port vs `wasmtime serve`, same guest, same load.

@@ -89,11 +89,14 @@ impl PodSandbox {
         if let Some(current) = self.current() {
             return Ok((current, Vec::new()));
         }
+        let started = std::time::Instant::now();
         let sandbox = Sandbox::launch(&self.plan, self.events.clone())
             .await
             .map_err(|e| e.to_string())?;
         match sandbox.start(self.start.clone(), self.start_timeout).await {
             Ok(services) => {
+                let start_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                tracing::info!(pid = sandbox.pid, start_us, "sandbox ready");
                 if let Ok(mut current) = self.current.write() {
                     *current = Some(sandbox.clone());
                 }
