@@ -246,6 +246,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     std::fs::write(manifests.join("hello.yaml"), manifest)
         .with_context(|| format!("write {}", manifests.join("hello.yaml").display()))?;
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if !root && settings.isolation == brink_node::settings::Isolation::Sandbox {
+        eprintln!(
+            "brink up: not running as root, so pods cannot get their user-namespaced sandbox \
+             and will be refused (UserNamespacesUnavailable). Run it as root, or pass \
+             --isolation in-process to run the guests inside this process instead.\n"
+        );
+    }
     let host = settings.host_port_address;
     eprintln!(
         "brink up: serving the hello app; try:\n\n    curl http://{host}:{}/\n",
