@@ -280,9 +280,9 @@ fn sandbox(seconds: u32, connections: u32) {
     std::thread::sleep(Duration::from_secs(1));
     let pid = node.pid().expect("node pid");
     let idle = rss_kib(pid);
+    // Sandbox start times in ms, in the order the node logged them.
     let start_times = |node: &Node| -> Vec<f64> {
-        let mut starts: Vec<f64> = node
-            .log()
+        node.log()
             .lines()
             .filter(|l| l.contains("sandbox ready"))
             .filter_map(|l| {
@@ -291,13 +291,15 @@ fn sandbox(seconds: u32, connections: u32) {
                     .and_then(|v| v.parse::<f64>().ok())
             })
             .map(|us| us / 1e3)
-            .collect();
-        starts.sort_by(|a, b| a.total_cmp(b));
-        starts
+            .collect()
+    };
+    let sorted = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
     };
     // One pod at a time: what one sandbox start costs on an otherwise idle node.
     let sequential = cold_starts(&node, &hello, 20, "one-at-a-time", |_| String::new());
-    let alone = start_times(&node);
+    let alone = sorted(start_times(&node));
     println!("## sandbox start");
     println!(
         "one at a time, {} starts (spawn → jail → artifacts loaded → ready): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 <= 10 ms); manifest → first 200: p50 {:.1} ms, p99 {:.1} ms",
@@ -329,23 +331,8 @@ fn sandbox(seconds: u32, connections: u32) {
     let pids = sandbox_pids(pid);
     let sum = |field: &str| pids.iter().map(|p| smaps_kib(*p, field)).sum::<u64>() as f64;
     let n = pids.len() as f64;
-    let starts: Vec<f64> = {
-        // The batch's starts are the ones logged after the one-at-a-time runs.
-        let mut batch: Vec<f64> = node
-            .log()
-            .lines()
-            .filter(|l| l.contains("sandbox ready"))
-            .skip(alone.len())
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("start_us="))
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-            .map(|us| us / 1e3)
-            .collect();
-        batch.sort_by(|a, b| a.total_cmp(b));
-        batch
-    };
+    // The batch's starts are the ones logged after the one-at-a-time runs.
+    let starts = sorted(start_times(&node).split_off(alone.len()));
     println!("## 100 idle hello pods, each in its own sandbox");
     println!(
         "100 sandboxes started at once on 2 cores, {} starts: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",

@@ -400,11 +400,7 @@ impl Worker {
         let mut total_memory: u64 = 0;
         for (container, image) in containers.iter().zip(&images) {
             let prepared = async {
-                let memory_limit = self.memory_limit(container)?;
-                let log = self
-                    .ctx
-                    .container_log(&self.pod(), &container.name)
-                    .map_err(|e| format!("cannot open the container log: {e}"))?;
+                let (memory_limit, log) = self.container_basics(container)?;
                 let path = self
                     .ctx
                     .runtime
@@ -491,8 +487,8 @@ impl Worker {
             Ok((_, services)) => services,
             Err(message) => {
                 // A compiled file the sandbox cannot load is compiled again next time.
-                for image in &images {
-                    if message.contains("compiled artifact") {
+                if message.contains("compiled artifact") {
+                    for image in &images {
                         self.ctx.runtime.discard_compiled(&image.layer_digest).await;
                     }
                 }
@@ -526,11 +522,7 @@ impl Worker {
         let mut apps = Vec::with_capacity(containers.len());
         for (container, image) in containers.into_iter().zip(images) {
             let prepared = async {
-                let memory_limit = self.memory_limit(&container)?;
-                let log = self
-                    .ctx
-                    .container_log(&self.pod(), &container.name)
-                    .map_err(|e| format!("cannot open the container log: {e}"))?;
+                let (memory_limit, log) = self.container_basics(&container)?;
                 let loaded = self
                     .ctx
                     .runtime
@@ -567,6 +559,16 @@ impl Worker {
         }
         self.update(|r| r.initialized_at = Some(Timestamp::now()));
         PodState::Running(apps)
+    }
+
+    /// What every container needs wherever it runs: its memory cap and its log.
+    fn container_basics(&self, container: &Container) -> Result<(u64, Arc<ContainerLog>), String> {
+        let memory_limit = self.memory_limit(container)?;
+        let log = self
+            .ctx
+            .container_log(&self.pod(), &container.name)
+            .map_err(|e| format!("cannot open the container log: {e}"))?;
+        Ok((memory_limit, log))
     }
 
     /// The container's guest memory cap: its `resources.limits.memory`, or the node's

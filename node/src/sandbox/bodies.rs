@@ -29,8 +29,30 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
 }
 
+/// The wire head of a request opening stream `id`.
+pub fn request_head(id: u64, parts: &http::request::Parts) -> HttpHead {
+    HttpHead {
+        id,
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        status: 0,
+        headers: head_headers(&parts.headers),
+    }
+}
+
+/// The wire head of the response on stream `id`.
+pub fn response_head(id: u64, parts: &http::response::Parts) -> HttpHead {
+    HttpHead {
+        id,
+        method: String::new(),
+        uri: String::new(),
+        status: parts.status.as_u16(),
+        headers: head_headers(&parts.headers),
+    }
+}
+
 /// A request's or response's headers as wire pairs.
-pub fn head_headers(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
+fn head_headers(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
     headers
         .iter()
         .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
@@ -57,16 +79,6 @@ where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut body = body;
-    if body.is_end_stream() {
-        let _ = link
-            .send(&wrap(Chunk {
-                id,
-                end: true,
-                bytes: Vec::new(),
-            }))
-            .await;
-        return;
-    }
     // A failed body ends the stream like a finished one: the reader sees it cut short.
     while let Some(Ok(frame)) = body.frame().await {
         let Ok(data) = frame.into_data() else {

@@ -320,13 +320,7 @@ impl Sandbox {
             open.insert(id, body_tx);
         }
         let (parts, request_body) = request.into_parts();
-        let head = HttpHead {
-            id,
-            method: parts.method.to_string(),
-            uri: parts.uri.to_string(),
-            status: 0,
-            headers: bodies::head_headers(&parts.headers),
-        };
+        let head = bodies::request_head(id, &parts);
         let sent = self
             .link
             .send(&Message::RequestHead {
@@ -546,13 +540,7 @@ fn outbound(
             Ok((response, io)) => {
                 tokio::spawn(io);
                 let (parts, body) = response.into_parts();
-                let head = HttpHead {
-                    id,
-                    method: String::new(),
-                    uri: String::new(),
-                    status: parts.status.as_u16(),
-                    headers: bodies::head_headers(&parts.headers),
-                };
+                let head = bodies::response_head(id, &parts);
                 if link
                     .send(&Message::OutboundResponseHead(head))
                     .await

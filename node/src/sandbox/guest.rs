@@ -168,13 +168,7 @@ impl OutboundRelay for Relay {
                 open.insert(id, sender);
             }
             let (parts, body) = request.into_parts();
-            let head = HttpHead {
-                id,
-                method: parts.method.to_string(),
-                uri: parts.uri.to_string(),
-                status: 0,
-                headers: bodies::head_headers(&parts.headers),
-            };
+            let head = bodies::request_head(id, &parts);
             link.send(&Message::OutboundHead { container, head })
                 .await
                 .map_err(|e| relay_error(&e.to_string()))?;
@@ -256,13 +250,7 @@ async fn serve(link: LinkSender, mut messages: mpsc::Receiver<Result<Message, Li
                             }),
                         );
                     }
-                    let head = HttpHead {
-                        id,
-                        method: String::new(),
-                        uri: String::new(),
-                        status: parts.status.as_u16(),
-                        headers: bodies::head_headers(&parts.headers),
-                    };
+                    let head = bodies::response_head(id, &parts);
                     if link.send(&Message::ResponseHead(head)).await.is_ok() {
                         bodies::pump_body(id, body, &link, Message::ResponseBody).await;
                     }

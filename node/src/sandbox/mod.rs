@@ -118,10 +118,6 @@ impl PodSandbox {
             sandbox.stop(grace).await;
         }
     }
-
-    pub fn pid(&self) -> Option<i32> {
-        self.current().map(|s| s.pid)
-    }
 }
 
 /// A service container, wherever it runs.

@@ -183,15 +183,58 @@ pub async fn spawn() -> io::Result<SandboxProcess> {
     })
 }
 
-fn open_self_exe() -> io::Result<OwnedFd> {
-    let path = CString::new("/proc/self/exe").map_err(io::Error::other)?;
+fn open_cloexec(path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let path = CString::new(path).map_err(io::Error::other)?;
     // SAFETY: open with a valid C string; the result is checked.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn open_self_exe() -> io::Result<OwnedFd> {
+    open_cloexec("/proc/self/exe", libc::O_PATH)
+}
+
+/// Which side of a [`clone_process`] this is.
+enum Forked {
+    Child,
+    Parent { pid: i32, pidfd: OwnedFd },
+}
+
+/// `clone3` with fork semantics (no CLONE_VM), a pidfd, and SIGCHLD on exit.
+///
+/// # Safety
+/// In a multi-threaded process the child may only make raw system calls on memory
+/// prepared before the call, until it executes or exits. This function allocates nothing
+/// on the child's side.
+unsafe fn clone_process(flags: u64) -> io::Result<Forked> {
+    let mut pidfd: RawFd = -1;
+    let args = CloneArgs {
+        flags: flags | CLONE_PIDFD,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: a valid clone_args of the size passed; see the function's contract.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match pid {
+        0 => Ok(Forked::Child),
+        p if p < 0 => Err(io::Error::last_os_error()),
+        // SAFETY: clone3 stored a fresh pidfd for the child.
+        p => Ok(Forked::Parent {
+            pid: p as i32,
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        }),
+    }
 }
 
 /// Moves `fd` to a number of at least 10, so that placing the socket at 3 in the child
@@ -219,47 +262,25 @@ fn clone_sandbox(exe: RawFd) -> io::Result<(i32, OwnedFd, UnixStream)> {
     let (report_read, report_write) =
         unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
     let report_write = high_fd(report_write)?;
-    let devnull = {
-        let path = CString::new("/dev/null").map_err(io::Error::other)?;
-        // SAFETY: open with a valid C string; the result is checked.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        high_fd(unsafe { OwnedFd::from_raw_fd(fd) })?
-    };
+    let devnull = high_fd(open_cloexec("/dev/null", libc::O_RDONLY)?)?;
     let argv0 = CString::new("brink").map_err(io::Error::other)?;
     let argv1 = CString::new(SANDBOX_SUBCOMMAND).map_err(io::Error::other)?;
     let empty = CString::new("").map_err(io::Error::other)?;
     let argv = [argv0.as_ptr(), argv1.as_ptr(), std::ptr::null()];
     let envp = [std::ptr::null::<libc::c_char>()];
 
-    let mut pidfd: RawFd = -1;
-    let args = CloneArgs {
-        flags: NAMESPACES | CLONE_PIDFD,
-        pidfd: &mut pidfd as *mut RawFd as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        ..Default::default()
-    };
     let (sock, report, null) = (
         sandbox_end.as_raw_fd(),
         report_write.as_raw_fd(),
         devnull.as_raw_fd(),
     );
-    // SAFETY: clone3 without CLONE_VM behaves as fork. In the child only raw system calls
-    // follow, on memory prepared above, until execveat or _exit.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if pid == 0 {
-        // The child.
+    // SAFETY: in the child only raw system calls follow, on memory prepared above, until
+    // execveat or _exit.
+    let forked = unsafe { clone_process(NAMESPACES)? };
+    let (pid, pidfd) = match forked {
+        Forked::Parent { pid, pidfd } => (pid, pidfd),
         // SAFETY: raw system calls only; see above.
-        unsafe {
+        Forked::Child => unsafe {
             let fail = |stage: u8| -> ! {
                 let errno = *libc::__errno_location();
                 let mut message = [0u8; 5];
@@ -292,13 +313,8 @@ fn clone_sandbox(exe: RawFd) -> io::Result<(i32, OwnedFd, UnixStream)> {
                 libc::AT_EMPTY_PATH,
             );
             fail(5);
-        }
-    }
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: clone3 stored a fresh pidfd for the child.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        },
+    };
     drop((sandbox_end, report_write, devnull));
     let mut message = [0u8; 5];
     let mut read = 0;
@@ -320,7 +336,7 @@ fn clone_sandbox(exe: RawFd) -> io::Result<(i32, OwnedFd, UnixStream)> {
         read += n as usize;
     }
     if read == 0 {
-        return Ok((pid as i32, pidfd, agent_end));
+        return Ok((pid, pidfd, agent_end));
     }
     let _ = reap(pidfd.as_raw_fd(), 0);
     let errno = i32::from_ne_bytes([message[1], message[2], message[3], message[4]]);
@@ -353,31 +369,14 @@ pub fn user_namespaces_available() -> Result<(), String> {
                 .into(),
         );
     }
-    let mut pidfd: RawFd = -1;
-    let args = CloneArgs {
-        flags: libc::CLONE_NEWUSER as u64 | CLONE_PIDFD,
-        pidfd: &mut pidfd as *mut RawFd as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        ..Default::default()
-    };
-    // SAFETY: as in `clone_sandbox`; the child only calls _exit.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if pid == 0 {
+    // SAFETY: the child only calls _exit.
+    match unsafe { clone_process(libc::CLONE_NEWUSER as u64) } {
         // SAFETY: the child exits at once.
-        unsafe { libc::_exit(0) }
+        Ok(Forked::Child) => unsafe { libc::_exit(0) },
+        Ok(Forked::Parent { pidfd, .. }) => {
+            let _ = reap(pidfd.as_raw_fd(), 0);
+        }
+        Err(e) => return Err(format!("this host refuses to create a user namespace: {e}")),
     }
-    if pid < 0 {
-        let e = io::Error::last_os_error();
-        return Err(format!("this host refuses to create a user namespace: {e}"));
-    }
-    // SAFETY: clone3 stored a fresh pidfd for the child.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let _ = reap(pidfd.as_raw_fd(), 0);
     Ok(())
 }
