@@ -509,3 +509,35 @@ fn no_sandbox_outlives_its_agent() {
 fn addr(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+#[test]
+fn a_compiled_artifact_the_sandbox_cannot_load_is_compiled_again() {
+    let layout = tempfile::tempdir().expect("tempdir");
+    let hello = layout_image(layout.path(), "hello");
+    let mut node = Node::start();
+    let port = free_port();
+    node.write_manifest("hello.yaml", &service_pod("hello", &hello, port, &[]));
+    node.wait_ready("hello");
+    node.stop();
+    // Garble every compiled artifact on disk: the agent only checks that the file exists,
+    // the sandbox is the one that maps it and finds it unusable.
+    let mut garbled = 0;
+    for dir in std::fs::read_dir(node.data_dir.join("compiled")).expect("compiled dir") {
+        for file in std::fs::read_dir(dir.expect("entry").path()).expect("engine dir") {
+            let path = file.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "cwasm") {
+                std::fs::write(&path, b"not a compiled artifact").expect("garble");
+                garbled += 1;
+            }
+        }
+    }
+    assert_eq!(garbled, 1);
+    node.restart();
+    node.wait_ready("hello");
+    assert_eq!(http_get(addr(port), "/").expect("hello").status, 200);
+    assert_eq!(node.metric("brink_compilations_total"), 1, "compiled again");
+    assert!(
+        node.log().contains("compiled artifact"),
+        "the failure is logged"
+    );
+}

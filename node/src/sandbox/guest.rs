@@ -77,10 +77,13 @@ pub fn sandbox_main() -> i32 {
             Ok(link) => link,
             Err(_) => return EXIT_RUNTIME,
         };
-        match setup.mode {
-            SandboxMode::Pod => serve(sender, messages).await,
-            SandboxMode::Probe { attack, args } => probe::run(&attack, &args, sender).await,
-        }
+        let code = match setup.mode {
+            SandboxMode::Pod => serve(sender.clone(), messages).await,
+            SandboxMode::Probe { attack, args } => probe::run(&attack, &args, sender.clone()).await,
+        };
+        // Whatever was said last (a fatal error, say) reaches the agent before the exit.
+        sender.flush().await;
+        code
     })
 }
 

@@ -67,24 +67,45 @@ impl BlockingLink {
     }
 }
 
+/// What the writer task is asked to do.
+enum Outgoing {
+    Frame(Vec<u8>),
+    /// Answer once everything queued before has been written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The sending half of a link: cheap to clone.
 #[derive(Clone)]
 pub struct LinkSender {
-    queue: mpsc::Sender<Vec<u8>>,
+    queue: mpsc::Sender<Outgoing>,
 }
 
 impl LinkSender {
     /// Queues a message; fails when the link is gone or the message cannot be framed.
     pub async fn send(&self, message: &Message) -> Result<(), LinkError> {
         let frame = encode(message)?;
-        self.queue.send(frame).await.map_err(|_| LinkError::Closed)
+        self.queue
+            .send(Outgoing::Frame(frame))
+            .await
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Waits until every message queued so far is written to the socket: a process about
+    /// to exit calls this, or its last words die in the queue.
+    pub async fn flush(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.queue.send(Outgoing::Flush(done)).await.is_ok() {
+            let _ = written.await;
+        }
     }
 
     /// Queues a message without waiting; for callers that cannot (log output from a
     /// guest's write callback). Drops the frame when the queue is full.
     pub fn try_send(&self, message: &Message) -> Result<(), LinkError> {
         let frame = encode(message)?;
-        self.queue.try_send(frame).map_err(|_| LinkError::Closed)
+        self.queue
+            .try_send(Outgoing::Frame(frame))
+            .map_err(|_| LinkError::Closed)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -101,20 +122,28 @@ pub fn spawn_link(
     stream.set_nonblocking(true)?;
     let stream = tokio::net::UnixStream::from_std(stream)?;
     let (mut reader, mut writer) = stream.into_split();
-    let (queue, mut frames) = mpsc::channel::<Vec<u8>>(LINK_QUEUE_FRAMES);
+    let (queue, mut outgoing) = mpsc::channel::<Outgoing>(LINK_QUEUE_FRAMES);
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(READ_BUFFER_BYTES);
-        while let Some(frame) = frames.recv().await {
-            batch.clear();
-            batch.extend_from_slice(&frame);
-            while batch.len() < READ_BUFFER_BYTES {
-                match frames.try_recv() {
-                    Ok(more) => batch.extend_from_slice(&more),
-                    Err(_) => break,
+        let mut flushes = Vec::new();
+        while let Some(first) = outgoing.recv().await {
+            // Everything already queued goes out in one write.
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
+                match item {
+                    Outgoing::Frame(frame) => batch.extend_from_slice(&frame),
+                    Outgoing::Flush(done) => flushes.push(done),
+                }
+                if batch.len() < READ_BUFFER_BYTES {
+                    next = outgoing.try_recv().ok();
                 }
             }
             if writer.write_all(&batch).await.is_err() {
                 break;
+            }
+            batch.clear();
+            for done in flushes.drain(..) {
+                let _ = done.send(());
             }
         }
     });
