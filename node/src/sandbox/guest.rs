@@ -308,7 +308,7 @@ async fn serve(link: LinkSender, mut messages: mpsc::Receiver<Result<Message, Li
             Message::Stop { grace_ms } => {
                 // Requests in flight still need their body chunks: keep serving the link
                 // while they finish, and leave when they have or the grace period is over.
-                let streams = streams.clone();
+                let (streams, link) = (streams.clone(), link.clone());
                 tokio::spawn(async move {
                     let deadline = tokio::time::Instant::now() + Duration::from_millis(grace_ms);
                     while streams.in_flight.load(Ordering::Relaxed) > 0
@@ -316,6 +316,8 @@ async fn serve(link: LinkSender, mut messages: mpsc::Receiver<Result<Message, Li
                     {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
+                    // The last response's final chunks may still be queued.
+                    link.flush().await;
                     std::process::exit(0);
                 });
             }
