@@ -73,6 +73,9 @@ pub struct NodeFlags {
     /// Let pods ask for `hostUsers: true` (no user namespace).
     #[arg(long)]
     allow_host_users: bool,
+    /// Let pods mount `hostPath` volumes under this directory (repeat for several).
+    #[arg(long = "allow-host-path", value_name = "DIR")]
+    allow_host_paths: Vec<PathBuf>,
     /// Threads one sandbox may have.
     #[arg(long, default_value_t = 64)]
     sandbox_max_threads: u64,
@@ -99,6 +102,10 @@ impl NodeFlags {
             .data_dir
             .clone()
             .unwrap_or_else(|| crate::default_data_dir(default_dir));
+        // Sandboxes resolve their root and volumes after they change directory: every
+        // path the node hands out must be absolute.
+        let data_dir = std::path::absolute(&data_dir)
+            .with_context(|| format!("--data-dir {}", data_dir.display()))?;
         let mut s = NodeSettings::new(data_dir);
         if let Some(name) = &self.node_name {
             anyhow::ensure!(
@@ -156,6 +163,15 @@ impl NodeFlags {
         s.id_pool_base = self.id_pool_base;
         s.id_pool_ranges = self.id_pool_ranges;
         s.allow_host_users = self.allow_host_users;
+        for dir in &self.allow_host_paths {
+            if !dir.is_absolute() {
+                anyhow::bail!(
+                    "--allow-host-path {}: must be an absolute path",
+                    dir.display()
+                );
+            }
+        }
+        s.allowed_host_paths = self.allow_host_paths.clone();
         s.sandbox_max_threads = self.sandbox_max_threads;
         s.sandbox_max_instances = self.sandbox_max_instances;
         s.sandbox_memory_overhead = self.sandbox_memory_overhead;

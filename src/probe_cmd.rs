@@ -94,7 +94,7 @@ pub async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             let (host, inside) = b
                 .split_once(':')
                 .with_context(|| format!("--bind {b:?}: expected HOST:INSIDE"))?;
-            Ok((PathBuf::from(host), inside.to_string()))
+            Ok((PathBuf::from(host), inside.to_string(), false))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let plan = SandboxPlan {

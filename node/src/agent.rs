@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::pod::{PodHandle, PodRecord, fingerprint, uid_from_fingerprint};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::settings::NodeSettings;
-use crate::source::{DesiredPods, PodSource};
+use crate::source::{ConfigObjects, DesiredPods, PodSource};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,8 @@ pub struct NodeContext {
     pub id_ranges: Arc<IdRanges>,
     /// Whether pods can have user namespaces here, or why not (checked once at start).
     pub user_namespaces: Result<(), String>,
+    /// The ConfigMaps and Secrets pods' volumes read; workers watch it for changes.
+    pub config: tokio::sync::watch::Sender<Arc<ConfigObjects>>,
 }
 
 impl NodeContext {
@@ -125,6 +127,7 @@ impl Agent {
                 metrics,
                 id_ranges,
                 user_namespaces,
+                config: tokio::sync::watch::Sender::new(Arc::default()),
             }),
             pods: RwLock::new(HashMap::new()),
             source_errors: RwLock::new(Vec::new()),
@@ -201,6 +204,16 @@ impl Agent {
         if let Ok(mut errors) = self.source_errors.write() {
             *errors = desired.errors.clone();
         }
+        // Objects first, so pods started below see the ConfigMaps and Secrets that came
+        // with them.
+        let config = desired.config;
+        self.ctx.config.send_if_modified(|current| {
+            if **current == config {
+                return false;
+            }
+            *current = Arc::new(config);
+            true
+        });
         let mut wanted: HashMap<String, (Pod, String)> = HashMap::new();
         for manifest in desired.pods {
             let key = manifest.key();
@@ -238,6 +251,7 @@ impl Agent {
             .iter()
             .filter_map(|h| h.snapshot().and_then(|r| r.pod.metadata.uid))
             .collect();
+        let data_dir = self.ctx.settings.data_dir.clone();
         futures::future::join_all(to_stop.into_iter().map(stop_handle)).await;
         // A pod that is gone (or changed, which is a new pod) gives its ID range back;
         // records of pods removed while the agent was down go on the first pass.
@@ -251,9 +265,12 @@ impl Agent {
             .swap(true, std::sync::atomic::Ordering::Relaxed);
         let released = tokio::task::spawn_blocking(move || {
             for uid in removed.iter().filter(|u| !live.contains(u)) {
+                // A pod's emptyDir goes with the pod, as in Kubernetes.
+                let _ = std::fs::remove_dir_all(data_dir.join("pods").join(uid));
                 ranges.release(uid)?;
             }
             if first {
+                crate::pod::volumes::prune(&data_dir, &live);
                 let live: Vec<&str> = live.iter().map(String::as_str).collect();
                 ranges.retain(&live)?;
             }

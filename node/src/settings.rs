@@ -65,6 +65,9 @@ pub struct NodeSettings {
     pub id_pool_ranges: u32,
     /// Whether a pod may ask for `hostUsers: true` (no user namespace). Off by default.
     pub allow_host_users: bool,
+    /// Host directories under which pods may mount `hostPath` volumes (none by default,
+    /// so a hostPath volume is refused).
+    pub allowed_host_paths: Vec<PathBuf>,
     /// Threads (and processes) one sandbox may have (RLIMIT_NPROC of its own uid).
     pub sandbox_max_threads: u64,
     /// Guest instances alive at once in one sandbox (its pooling allocator's slots).
@@ -103,6 +106,7 @@ impl NodeSettings {
             id_pool_base: 1_000_000,
             id_pool_ranges: 4096,
             allow_host_users: false,
+            allowed_host_paths: Vec::new(),
             sandbox_max_threads: 64,
             sandbox_max_instances: 64,
             sandbox_memory_overhead: 512 << 20,

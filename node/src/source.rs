@@ -1,21 +1,31 @@
 //! Where a node's pods come from. A [`PodSource`] yields the complete desired set of pods
-//! each time it changes, like a kubelet config source's SET operation; the agent reconciles
-//! against it. [`ManifestDir`] reads Pod manifests from a directory; a later source watches
-//! the Kubernetes API instead.
+//! (and the ConfigMaps and Secrets their volumes read) each time it changes, like a kubelet
+//! config source's SET operation; the agent reconciles against it. [`ManifestDir`] reads
+//! manifests from a directory; a later source watches the Kubernetes API instead.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use brink_proto::{PodManifest, parse_manifests};
+use brink_proto::{Object, PodManifest, parse_manifests};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 
-/// The pods a source wants running, and what it could not read.
+/// The pods a source wants running, the objects their volumes may read, and what it could
+/// not read.
 #[derive(Debug, Clone, Default)]
 pub struct DesiredPods {
     pub pods: Vec<PodManifest>,
+    pub config: ConfigObjects,
     /// One line per source that failed (file, document, field, message).
     pub errors: Vec<String>,
+}
+
+/// ConfigMaps and Secrets by `namespace/name`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigObjects {
+    pub config_maps: BTreeMap<String, ConfigMap>,
+    pub secrets: BTreeMap<String, Secret>,
 }
 
 /// A source of desired pods.
@@ -40,8 +50,8 @@ pub struct ManifestDir {
 #[derive(Debug, Clone)]
 struct FileState {
     stamp: (SystemTime, u64),
-    /// The last pods this file yielded without error.
-    pods: Vec<PodManifest>,
+    /// The last objects this file yielded without error.
+    objects: Vec<Object>,
     error: Option<String>,
 }
 
@@ -130,9 +140,9 @@ impl ManifestDir {
                 .and_then(|text| parse_manifests(&name, &text).map_err(|e| e.to_string()));
             let previous = seen.remove(&path);
             let state = match parsed {
-                Ok(pods) => FileState {
+                Ok(objects) => FileState {
                     stamp,
-                    pods,
+                    objects,
                     error: None,
                 },
                 Err(error) => {
@@ -141,7 +151,7 @@ impl ManifestDir {
                     // in an edit must not take a service down.
                     FileState {
                         stamp,
-                        pods: previous.map(|p| p.pods).unwrap_or_default(),
+                        objects: previous.map(|p| p.objects).unwrap_or_default(),
                         error: Some(error),
                     }
                 }
@@ -155,23 +165,32 @@ impl ManifestDir {
 
     fn desired(&self) -> DesiredPods {
         let mut desired = DesiredPods::default();
-        let mut owners: BTreeMap<String, &Path> = BTreeMap::new();
+        let mut owners: BTreeMap<(&str, String), &Path> = BTreeMap::new();
         for (path, state) in &self.seen {
             if let Some(error) = &state.error {
                 desired.errors.push(error.clone());
             }
-            for pod in &state.pods {
-                if let Some(first) = owners.get(&pod.key()) {
+            for object in &state.objects {
+                let key = object.key();
+                if let Some(first) = owners.get(&(object.kind(), key.clone())) {
                     desired.errors.push(format!(
-                        "{}: pod {} is already defined in {}; ignored here",
+                        "{}: {} {key} is already defined in {}; ignored here",
                         path.display(),
-                        pod.key(),
+                        object.kind(),
                         first.display()
                     ));
                     continue;
                 }
-                owners.insert(pod.key(), path);
-                desired.pods.push(pod.clone());
+                owners.insert((object.kind(), key.clone()), path);
+                match object {
+                    Object::Pod(pod) => desired.pods.push(PodManifest::clone(pod)),
+                    Object::ConfigMap(c) => {
+                        desired.config.config_maps.insert(key, c.clone());
+                    }
+                    Object::Secret(s) => {
+                        desired.config.secrets.insert(key, s.clone());
+                    }
+                }
             }
         }
         desired

@@ -1,14 +1,17 @@
 //! `brink-proto`: what Brink accepts and what Brink processes say to each other.
 //!
-//! This crate owns the validation of the resource types Brink runs (today: `v1/Pod`
-//! manifests, see [`manifest`]) and, as they land, the wire formats between Brink processes.
+//! This crate owns the validation of the resource types Brink runs (today: `v1` Pods,
+//! ConfigMaps and Secrets from manifests, see [`manifest`], with pod volumes in
+//! [`volumes`]) and, as they land, the wire formats between Brink processes.
 //! It does no I/O: callers hand it bytes and get typed values or a typed error that names
 //! the file, the document and the field at fault.
 
+pub mod config;
 pub mod manifest;
 pub mod outbound;
 pub mod quantity;
 pub mod sandbox;
+pub mod volumes;
 
-pub use manifest::{ManifestError, PodManifest, parse_manifests};
+pub use manifest::{ManifestError, Object, PodManifest, parse_manifests};
 pub use quantity::{QuantityError, parse_bytes};

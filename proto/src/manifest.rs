@@ -1,15 +1,16 @@
-//! Pod manifests: YAML or JSON text, several documents per file, into validated `v1/Pod`s.
+//! Manifests: YAML or JSON text, several documents per file, into validated `v1` Pods,
+//! ConfigMaps and Secrets.
 //!
 //! Parsing is strict the way `kubectl apply` is with server-side field validation: a YAML
 //! syntax error, a field of the wrong type, a field Kubernetes does not know, or a value
 //! Brink cannot honour (a UDP port, an `exec` probe) is an error naming the source, the
-//! document and the field. A file with any error yields no pods at all, so a half-valid
+//! document and the field. A file with any error yields no objects at all, so a half-valid
 //! file never starts half its pods.
 
 use std::collections::HashSet;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Probe, Secret};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use thiserror::Error;
@@ -64,13 +65,46 @@ impl PodManifest {
     }
 }
 
-/// `namespace/name` of a validated pod.
-pub fn pod_key(pod: &Pod) -> String {
+/// One validated object of a kind Brink reads from manifests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Pod(Box<PodManifest>),
+    ConfigMap(ConfigMap),
+    Secret(Secret),
+}
+
+impl Object {
+    /// The object's kind, as a manifest spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Pod(_) => "Pod",
+            Object::ConfigMap(_) => "ConfigMap",
+            Object::Secret(_) => "Secret",
+        }
+    }
+
+    /// `namespace/name`, unique among objects of one kind.
+    pub fn key(&self) -> String {
+        match self {
+            Object::Pod(p) => p.key(),
+            Object::ConfigMap(c) => object_key(&c.metadata),
+            Object::Secret(s) => object_key(&s.metadata),
+        }
+    }
+}
+
+/// `namespace/name` of a validated object's metadata.
+pub fn object_key(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     format!(
         "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.name.as_deref().unwrap_or_default()
+        metadata.namespace.as_deref().unwrap_or("default"),
+        metadata.name.as_deref().unwrap_or_default()
     )
+}
+
+/// `namespace/name` of a validated pod.
+pub fn pod_key(pod: &Pod) -> String {
+    object_key(&pod.metadata)
 }
 
 /// A problem with one field, before the source and document are known.
@@ -80,7 +114,7 @@ pub struct FieldError {
     pub message: String,
 }
 
-fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+pub(crate) fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
         field: field.into(),
         message: message.into(),
@@ -88,9 +122,9 @@ fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError
 }
 
 /// Parses every document in `text`. Empty documents are skipped. Any error anywhere means
-/// no pods from this source.
-pub fn parse_manifests(source_name: &str, text: &str) -> Result<Vec<PodManifest>, ManifestError> {
-    let mut pods = Vec::new();
+/// no objects from this source.
+pub fn parse_manifests(source_name: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let mut objects = Vec::new();
     let mut keys = HashSet::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_no = index + 1;
@@ -105,23 +139,26 @@ pub fn parse_manifests(source_name: &str, text: &str) -> Result<Vec<PodManifest>
         if value.is_null() {
             continue;
         }
-        let pod = parse_pod_value(value).map_err(|e| err(Some(e.field), e.message))?;
-        let manifest = PodManifest {
-            pod,
-            document: doc_no,
-        };
-        if !keys.insert(manifest.key()) {
+        let object = parse_object(value, doc_no).map_err(|e| err(Some(e.field), e.message))?;
+        if !keys.insert((object.kind(), object.key())) {
             return Err(err(
                 Some("metadata.name".into()),
-                format!("pod {} is defined twice in this file", manifest.key()),
+                format!(
+                    "{} {} is defined twice in this file",
+                    object.kind(),
+                    object.key()
+                ),
             ));
         }
-        pods.push(manifest);
+        objects.push(object);
     }
-    Ok(pods)
+    Ok(objects)
 }
 
-fn parse_pod_value(value: serde_yaml::Value) -> Result<Pod, FieldError> {
+/// The kinds Brink reads, and the apiVersion each must carry.
+const KINDS: [(&str, &str); 3] = [("Pod", "v1"), ("ConfigMap", "v1"), ("Secret", "v1")];
+
+fn parse_object(value: serde_yaml::Value, document: usize) -> Result<Object, FieldError> {
     let serde_yaml::Value::Mapping(map) = &value else {
         return Err(field_err(
             "",
@@ -132,32 +169,119 @@ fn parse_pod_value(value: serde_yaml::Value) -> Result<Pod, FieldError> {
     let kind = text_field("kind").ok_or_else(|| field_err("kind", "required"))?;
     let api_version =
         text_field("apiVersion").ok_or_else(|| field_err("apiVersion", "required"))?;
-    if kind != "Pod" {
+    let Some((_, expected)) = KINDS.iter().find(|(k, _)| *k == kind) else {
+        let known: Vec<&str> = KINDS.iter().map(|(k, _)| *k).collect();
         return Err(field_err(
             "kind",
-            format!("kind {kind:?} is not supported here (only Pod)"),
+            format!(
+                "kind {kind:?} is not supported here (only {})",
+                known.join(", ")
+            ),
         ));
-    }
-    if api_version != "v1" {
+    };
+    if api_version != *expected {
         return Err(field_err(
             "apiVersion",
-            format!("a Pod has apiVersion \"v1\", not {api_version:?}"),
+            format!("a {kind} has apiVersion {expected:?}, not {api_version:?}"),
         ));
     }
+    match kind.as_str() {
+        "ConfigMap" => {
+            let mut config_map: ConfigMap = strict(value)?;
+            crate::config::validate_config_map(&mut config_map)?;
+            Ok(Object::ConfigMap(config_map))
+        }
+        "Secret" => {
+            let mut secret: Secret = strict(value)?;
+            crate::config::validate_secret(&mut secret)?;
+            Ok(Object::Secret(secret))
+        }
+        _ => {
+            let mut value = value;
+            yaml11_octal_modes(&mut value);
+            let mut pod: Pod = strict(value)?;
+            validate_pod(&mut pod)?;
+            Ok(Object::Pod(Box::new(PodManifest { pod, document })))
+        }
+    }
+}
+
+/// File modes in volume sources (`defaultMode: 0400`) are octal in the YAML 1.1 that
+/// kubectl reads; the YAML 1.2 parser here sees a string. Only these fields are rewritten,
+/// so text elsewhere (a ConfigMap value "0644") stays text.
+fn yaml11_octal_modes(pod: &mut serde_yaml::Value) {
+    fn octal(value: &mut serde_yaml::Value) {
+        let Some(text) = value.as_str() else { return };
+        let digits = text
+            .strip_prefix("0o")
+            .or_else(|| text.strip_prefix('0').filter(|d| !d.is_empty()));
+        if let Some(mode) = digits.and_then(|d| i64::from_str_radix(d, 8).ok()) {
+            *value = serde_yaml::Value::Number(mode.into());
+        }
+    }
+    let volumes = pod
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("volumes"))
+        .and_then(|v| v.as_sequence_mut());
+    for volume in volumes.into_iter().flatten() {
+        for source in ["configMap", "secret"] {
+            let Some(source) = volume.get_mut(source) else {
+                continue;
+            };
+            if let Some(mode) = source.get_mut("defaultMode") {
+                octal(mode);
+            }
+            let items = source.get_mut("items").and_then(|i| i.as_sequence_mut());
+            for item in items.into_iter().flatten() {
+                if let Some(mode) = item.get_mut("mode") {
+                    octal(mode);
+                }
+            }
+        }
+    }
+}
+
+/// Deserializes `value` as `T`, refusing fields `T` does not know and naming the field at
+/// fault either way.
+fn strict<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, FieldError> {
     let mut unknown = Vec::new();
     let mut record_unknown = |path: serde_ignored::Path<'_>| {
         unknown.push(bracket_indices(&path.to_string()));
     };
     let deserializer = serde_ignored::Deserializer::new(value, &mut record_unknown);
-    let mut pod: Pod = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+    let object: T = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let field = bracket_indices(&e.path().to_string());
         field_err(field, e.into_inner().to_string())
     })?;
     if let Some(first) = unknown.into_iter().next() {
         return Err(field_err(first, "unknown field"));
     }
-    validate_pod(&mut pod)?;
-    Ok(pod)
+    Ok(object)
+}
+
+/// Checks a name and fills in the default namespace, as the API server does for every
+/// namespaced object.
+pub(crate) fn validate_name_and_namespace(
+    metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<(), FieldError> {
+    let name = metadata
+        .name
+        .as_deref()
+        .ok_or_else(|| field_err("metadata.name", "required"))?;
+    if !is_dns_subdomain(name) {
+        return Err(field_err(
+            "metadata.name",
+            format!("{name:?} is not a valid name (lowercase letters, digits, '-' and '.')"),
+        ));
+    }
+    let namespace = metadata.namespace.get_or_insert_with(|| "default".into());
+    if !is_dns_label(namespace) {
+        return Err(field_err(
+            "metadata.namespace",
+            format!("{namespace:?} is not a valid namespace"),
+        ));
+    }
+    Ok(())
 }
 
 /// `spec.containers.0.image` → `spec.containers[0].image`, as kubectl prints paths.
@@ -201,27 +325,7 @@ pub fn is_dns_subdomain(s: &str) -> bool {
 /// Checks what the type system cannot, and fills in the defaults Kubernetes' API server
 /// would (namespace, restartPolicy, imagePullPolicy, grace period).
 pub fn validate_pod(pod: &mut Pod) -> Result<(), FieldError> {
-    let name = pod
-        .metadata
-        .name
-        .as_deref()
-        .ok_or_else(|| field_err("metadata.name", "required"))?;
-    if !is_dns_subdomain(name) {
-        return Err(field_err(
-            "metadata.name",
-            format!("{name:?} is not a valid name (lowercase letters, digits, '-' and '.')"),
-        ));
-    }
-    let namespace = pod
-        .metadata
-        .namespace
-        .get_or_insert_with(|| "default".into());
-    if !is_dns_label(namespace) {
-        return Err(field_err(
-            "metadata.namespace",
-            format!("{namespace:?} is not a valid namespace"),
-        ));
-    }
+    validate_name_and_namespace(&mut pod.metadata)?;
     if let Some(value) = pod
         .metadata
         .annotations
@@ -266,9 +370,7 @@ pub fn validate_pod(pod: &mut Pod) -> Result<(), FieldError> {
     {
         return Err(field_err("spec.ephemeralContainers", "not supported"));
     }
-    if spec.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
-        return Err(field_err("spec.volumes", "not supported yet"));
-    }
+    let volumes = crate::volumes::validate_volumes(spec.volumes.as_deref().unwrap_or_default())?;
     if spec.containers.is_empty() {
         return Err(field_err(
             "spec.containers",
@@ -280,6 +382,11 @@ pub fn validate_pod(pod: &mut Pod) -> Result<(), FieldError> {
     for (i, container) in spec.containers.iter_mut().enumerate() {
         let at = |field: &str| format!("spec.containers[{i}].{field}");
         validate_container(container, &at)?;
+        crate::volumes::validate_mounts(
+            container.volume_mounts.as_deref().unwrap_or_default(),
+            &volumes,
+            &|f: &str| at(&format!("volumeMounts{f}")),
+        )?;
         if !names.insert(container.name.clone()) {
             return Err(field_err(
                 at("name"),
@@ -412,13 +519,6 @@ fn validate_container(
     if container.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
         return Err(field_err(at("envFrom"), "not supported yet"));
     }
-    if container
-        .volume_mounts
-        .as_ref()
-        .is_some_and(|m| !m.is_empty())
-    {
-        return Err(field_err(at("volumeMounts"), "not supported yet"));
-    }
     for (name, probe) in [
         ("readinessProbe", &container.readiness_probe),
         ("livenessProbe", &container.liveness_probe),
@@ -513,14 +613,25 @@ spec:
 
     fn error_of(text: &str) -> ManifestError {
         match parse_manifests("pods.yaml", text) {
-            Ok(pods) => panic!("expected an error, got {} pods", pods.len()),
+            Ok(objects) => panic!("expected an error, got {} objects", objects.len()),
             Err(e) => e,
         }
     }
 
+    fn pods_of(text: &str) -> Vec<PodManifest> {
+        parse_manifests("pods.yaml", text)
+            .expect("valid manifests")
+            .into_iter()
+            .filter_map(|o| match o {
+                Object::Pod(p) => Some(*p),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn parses_several_documents_and_fills_defaults() {
-        let pods = parse_manifests("pods.yaml", GOOD).expect("valid manifests");
+        let pods = pods_of(GOOD);
         assert_eq!(pods.len(), 2);
         assert_eq!(pods[0].key(), "default/hello");
         assert_eq!(pods[1].key(), "batch/job");
@@ -640,5 +751,210 @@ spec:
                 "{input:?} should be refused"
             );
         }
+    }
+
+    const VOLUMES: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+data:
+  greeting: hello
+binaryData:
+  blob: AAEC
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: token
+  namespace: apps
+stringData:
+  token: s3cret
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reader
+spec:
+  volumes:
+  - name: scratch
+    emptyDir: {}
+  - name: settings
+    configMap:
+      name: settings
+      items:
+      - key: greeting
+        path: conf/greeting.txt
+        mode: 0400
+  - name: token
+    secret:
+      secretName: token
+      defaultMode: 0440
+  - name: shared
+    hostPath:
+      path: /srv/shared
+      type: DirectoryOrCreate
+  containers:
+  - name: reader
+    image: oci:/tmp/layout:job
+    volumeMounts:
+    - name: scratch
+      mountPath: /data
+    - name: settings
+      mountPath: /config
+      readOnly: true
+    - name: shared
+      mountPath: /shared/
+"#;
+
+    #[test]
+    fn config_maps_secrets_and_volumes_parse() {
+        let objects = parse_manifests("v.yaml", VOLUMES).expect("valid manifests");
+        let kinds: Vec<_> = objects.iter().map(|o| (o.kind(), o.key())).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("ConfigMap", "default/settings".to_string()),
+                ("Secret", "apps/token".to_string()),
+                ("Pod", "default/reader".to_string()),
+            ]
+        );
+        let Object::Pod(pod) = &objects[2] else {
+            panic!("a pod")
+        };
+        let volumes = pod.pod.spec.as_ref().and_then(|s| s.volumes.clone());
+        let volumes = volumes.unwrap_or_default();
+        let items = volumes[1].config_map.as_ref().and_then(|c| c.items.clone());
+        assert_eq!(
+            items.unwrap_or_default()[0].mode,
+            Some(0o400),
+            "YAML 1.1 octal"
+        );
+        let secret = volumes[2].secret.as_ref();
+        assert_eq!(secret.and_then(|s| s.default_mode), Some(0o440));
+        let Object::Secret(secret) = &objects[1] else {
+            panic!("a secret")
+        };
+        assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+        assert!(secret.string_data.is_none());
+        let token = secret.data.as_ref().and_then(|d| d.get("token"));
+        assert_eq!(token.map(|t| t.0.as_slice()), Some(&b"s3cret"[..]));
+        let Object::ConfigMap(config) = &objects[0] else {
+            panic!("a config map")
+        };
+        let blob = config.binary_data.as_ref().and_then(|d| d.get("blob"));
+        assert_eq!(blob.map(|b| b.0.as_slice()), Some(&[0u8, 1, 2][..]));
+    }
+
+    #[test]
+    fn bad_volumes_and_mounts_are_refused_by_field() {
+        let cases = [
+            (
+                "    emptyDir: {}",
+                "    emptyDir: {medium: Memory}",
+                "spec.volumes[0].emptyDir.medium",
+            ),
+            (
+                "    emptyDir: {}",
+                "    emptyDir: {sizeLimit: 1Gi}",
+                "spec.volumes[0].emptyDir.sizeLimit",
+            ),
+            (
+                "    emptyDir: {}",
+                "    nfs: {server: a, path: /x}",
+                "spec.volumes[0].nfs",
+            ),
+            (
+                "    emptyDir: {}",
+                "    emptyDir: {}\n    hostPath: {path: /x}",
+                "spec.volumes[0].hostPath",
+            ),
+            (
+                "  - name: scratch\n",
+                "  - name: Scratch\n",
+                "spec.volumes[0].name",
+            ),
+            (
+                "        path: conf/greeting.txt",
+                "        path: ../escape",
+                "spec.volumes[1].configMap.items[0].path",
+            ),
+            (
+                "        mode: 0400",
+                "        mode: 01777",
+                "spec.volumes[1].configMap.items[0].mode",
+            ),
+            (
+                "      defaultMode: 0440",
+                "      defaultMode: -1",
+                "spec.volumes[2].secret.defaultMode",
+            ),
+            (
+                "      path: /srv/shared",
+                "      path: /srv/../etc",
+                "spec.volumes[3].hostPath.path",
+            ),
+            (
+                "      type: DirectoryOrCreate",
+                "      type: Socket",
+                "spec.volumes[3].hostPath.type",
+            ),
+            (
+                "    - name: scratch\n      mountPath: /data",
+                "    - name: nothing\n      mountPath: /data",
+                "spec.containers[0].volumeMounts[0].name",
+            ),
+            (
+                "      mountPath: /data",
+                "      mountPath: data",
+                "spec.containers[0].volumeMounts[0].mountPath",
+            ),
+            (
+                "      mountPath: /data",
+                "      mountPath: /config",
+                "spec.containers[0].volumeMounts[1].mountPath",
+            ),
+            (
+                "      mountPath: /data",
+                "      mountPath: /data\n      subPath: x",
+                "spec.containers[0].volumeMounts[0].subPath",
+            ),
+            (
+                "      mountPath: /data",
+                "      mountPath: /data\n      mountPropagation: Bidirectional",
+                "spec.containers[0].volumeMounts[0].mountPropagation",
+            ),
+            ("  greeting: hello", "  bad/key: hello", "data[bad/key]"),
+            ("  blob: AAEC", "  greeting: AAEC", "binaryData[greeting]"),
+            ("  blob: AAEC", "  blob: '***'", "binaryData.blob"),
+        ];
+        for (from, to, field) in cases {
+            assert!(VOLUMES.contains(from), "{from:?} is not in the fixture");
+            match parse_manifests("v.yaml", &VOLUMES.replacen(from, to, 1)) {
+                Ok(_) => panic!("{from} -> {to} should be refused"),
+                Err(e) => assert_eq!(e.field.as_deref(), Some(field), "{from} -> {to}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tls_secrets_need_a_certificate_and_a_key() {
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: t}\ntype: kubernetes.io/tls\nstringData: {tls.crt: x}\n";
+        let e = error_of(text);
+        assert_eq!(e.field.as_deref(), Some("data[tls.key]"));
+        let ok = text.replace("{tls.crt: x}", "{tls.crt: x, tls.key: y}");
+        assert!(parse_manifests("t.yaml", &ok).is_ok());
+    }
+
+    #[test]
+    fn the_same_name_in_two_kinds_is_fine_but_twice_in_one_is_not() {
+        let config = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n";
+        let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: a}\n";
+        assert!(parse_manifests("a.yaml", &format!("{config}---\n{secret}")).is_ok());
+        let e = error_of(&format!("{config}---\n{config}"));
+        assert!(
+            e.message.contains("ConfigMap default/a is defined twice"),
+            "{e}"
+        );
     }
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The version this build speaks. Both ends must agree exactly.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// The largest frame (version, kind and body) either end accepts. Body chunks are split
 /// below it by the sender.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
@@ -39,8 +39,8 @@ pub struct Setup {
     pub root: String,
     /// Host files bind-mounted read-only into the root: (host path, path inside).
     pub files: Vec<(String, String)>,
-    /// Host directories bind-mounted writable into the root: (host path, path inside).
-    pub dirs: Vec<(String, String)>,
+    /// Host directories bind-mounted into the root (a pod's volumes).
+    pub dirs: Vec<DirBind>,
     /// The sandbox's host name (its own UTS namespace).
     pub hostname: String,
     /// Whether to enter a user namespace (the agent maps IDs once asked).
@@ -51,6 +51,27 @@ pub struct Setup {
     pub max_data_bytes: u64,
     /// What runs once the jail is built.
     pub mode: SandboxMode,
+}
+
+/// A host directory bound into a sandbox's root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirBind {
+    pub host: String,
+    /// Where it appears inside the sandbox (absolute, plain components).
+    pub inside: String,
+    pub read_only: bool,
+}
+
+/// A directory a guest is given, at a path of its own choosing (a volume mount).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preopen {
+    /// The directory inside the sandbox.
+    pub dir: String,
+    /// The path the guest sees (the mount's `mountPath`).
+    pub guest: String,
+    pub read_only: bool,
 }
 
 /// What a sandbox runs once its jail is built.
@@ -83,6 +104,8 @@ pub struct ContainerSpec {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub memory_limit: u64,
+    /// The container's volume mounts.
+    pub preopens: Vec<Preopen>,
 }
 
 /// Run these containers.
@@ -641,7 +664,11 @@ mod tests {
             Message::Setup(Setup {
                 root: "/var/lib/brink/sandboxes/uid".into(),
                 files: vec![("/host/a.cwasm".into(), "/artifacts/a.cwasm".into())],
-                dirs: vec![],
+                dirs: vec![DirBind {
+                    host: "/var/lib/brink/pods/u/volumes/data".into(),
+                    inside: "/volumes/data".into(),
+                    read_only: false,
+                }],
                 hostname: "hello".into(),
                 user_namespace: true,
                 max_threads: 64,
@@ -667,6 +694,11 @@ mod tests {
                     args: vec!["hello".into()],
                     env: vec![("GREETING".into(), "Hi".into())],
                     memory_limit: 64 << 20,
+                    preopens: vec![Preopen {
+                        dir: "/volumes/data".into(),
+                        guest: "/data".into(),
+                        read_only: true,
+                    }],
                 }],
             }),
             Message::Ready {

@@ -8,6 +8,7 @@
 
 mod probe;
 pub mod status;
+pub mod volumes;
 mod worker;
 
 pub use status::{ContainerState, PodPhase, PodRecord};

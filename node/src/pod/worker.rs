@@ -12,12 +12,13 @@ use tracing::Instrument;
 
 use super::probe::{ProbeTiming, probe_http};
 use super::status::{ContainerState, PodRecord, Terminated};
+use super::volumes::{self, PreparedVolume, VolumeError};
 use crate::agent::NodeContext;
 use crate::images::{PullPolicy, PulledImage};
 use crate::logs::GuestOutput;
 use crate::logs::{ContainerLog, Stream};
 use crate::metrics::Metrics;
-use crate::runtime::{ExitStatus, GuestContext, Outbound, OutboundPolicy};
+use crate::runtime::{ExitStatus, GuestContext, Outbound, OutboundPolicy, Preopen};
 use crate::sandbox::{Command, PodSandbox, SandboxEvents, SandboxPlan, SandboxService, Service};
 use crate::settings::Isolation;
 
@@ -71,6 +72,8 @@ impl PodHandle {
             stop: stop_rx,
             key: key.clone(),
             sandbox: None,
+            volumes: Vec::new(),
+            volume_owner: None,
         };
         let span = tracing::info_span!("pod", pod = %key, uid = %uid);
         let task = tokio::spawn(worker.run().instrument(span));
@@ -104,6 +107,15 @@ struct Worker {
     key: String,
     /// The pod's sandbox, once started (sandboxed isolation only).
     sandbox: Option<Arc<PodSandbox>>,
+    /// The pod's volumes, once set up.
+    volumes: Vec<PreparedVolume>,
+    /// Who owns what the pod may write in its volumes (its ID range's root).
+    volume_owner: Option<u32>,
+}
+
+/// Where a sandbox sees a pod's volume.
+fn volume_inside(name: &str) -> String {
+    format!("/volumes/{name}")
 }
 
 /// Resolves when a stop is requested (or the handle is gone).
@@ -294,7 +306,114 @@ impl Worker {
             log,
             outbound: Outbound::Direct(self.outbound_policy()),
             name: format!("{}/{}", self.key, container.name),
+            preopens: self.preopens(container, false),
         }
+    }
+
+    /// The directories a container's guests are given: one per volume mount, at its
+    /// `mountPath`; in a sandbox, where the sandbox binds the volume.
+    fn preopens(&self, container: &Container, in_sandbox: bool) -> Vec<Preopen> {
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter_map(|mount| {
+                let volume = self.volumes.iter().find(|v| v.name == mount.name)?;
+                Some(Preopen {
+                    dir: if in_sandbox {
+                        volume_inside(&volume.name).into()
+                    } else {
+                        volume.host_dir.clone()
+                    },
+                    guest: mount.mount_path.clone(),
+                    read_only: mount.read_only == Some(true) || !volume.writable,
+                })
+            })
+            .collect()
+    }
+
+    /// Sets up the pod's volume directories, owned by `owner`. While a ConfigMap or Secret
+    /// they read is missing the pod waits in ContainerCreating, as with a kubelet, and
+    /// tries again when the node's objects change. On failure, returns the next state.
+    async fn prepare_volumes(&mut self, owner: Option<u32>) -> Result<(), PodState> {
+        let mut config = self.ctx.config.subscribe();
+        loop {
+            let objects = config.borrow_and_update().clone();
+            let pod = self.pod();
+            let data_dir = self.ctx.settings.data_dir.clone();
+            let allowed = self.ctx.settings.allowed_host_paths.clone();
+            let prepared = tokio::task::spawn_blocking(move || {
+                volumes::prepare(&data_dir, &pod, &objects, owner, &allowed)
+            })
+            .await;
+            let error = match prepared {
+                Ok(Ok(prepared)) => {
+                    self.volumes = prepared;
+                    self.volume_owner = owner;
+                    return Ok(());
+                }
+                Ok(Err(e)) => e,
+                Err(e) => return Err(self.start_failed(format!("volume task: {e}")).await),
+            };
+            match error {
+                VolumeError::Missing(message) => {
+                    tracing::info!(%message, "waiting for a volume's source");
+                    let names: Vec<String> =
+                        self.spec(|s| s.containers.iter().map(|c| c.name.clone()).collect());
+                    for name in names {
+                        let message = message.clone();
+                        self.set_container(&name, |c| {
+                            c.state = ContainerState::Waiting {
+                                reason: "ContainerCreating".into(),
+                                message: Some(message),
+                            }
+                        });
+                    }
+                    tokio::select! {
+                        r = config.changed() => if r.is_err() {
+                            stopped(&mut self.stop).await;
+                            return Err(PodState::Stopped);
+                        },
+                        () = stopped(&mut self.stop) => return Err(PodState::Stopped),
+                    }
+                }
+                VolumeError::NotAllowed(message) => {
+                    return Err(self.reject("HostPathNotAllowed", message).await);
+                }
+                other => return Err(self.start_failed(other.to_string()).await),
+            }
+        }
+    }
+
+    /// Keeps configMap and secret volumes in step with their objects while the pod runs
+    /// (a removed object leaves the last content in place). Never returns.
+    async fn refresh_volumes(&self) {
+        let projected = self.volumes.iter().any(|v| v.kind.always_read_only());
+        let mut config = self.ctx.config.subscribe();
+        config.borrow_and_update();
+        if !projected {
+            return std::future::pending().await;
+        }
+        while config.changed().await.is_ok() {
+            let objects = config.borrow_and_update().clone();
+            let pod = self.pod();
+            let data_dir = self.ctx.settings.data_dir.clone();
+            let allowed = self.ctx.settings.allowed_host_paths.clone();
+            let owner = self.volume_owner;
+            let refreshed = tokio::task::spawn_blocking(move || {
+                volumes::prepare(&data_dir, &pod, &objects, owner, &allowed)
+            })
+            .await;
+            match refreshed {
+                Ok(Ok(_)) => tracing::debug!("volumes refreshed"),
+                Ok(Err(VolumeError::Missing(message))) => {
+                    tracing::info!(%message, "a volume's source is gone; its files stay as they were")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh volumes"),
+                Err(e) => tracing::warn!(error = %e, "volume refresh task failed"),
+            }
+        }
+        std::future::pending().await
     }
 
     /// The pod's outbound allow-list. Validated with the manifest; an unreadable list here
@@ -362,7 +481,8 @@ impl Worker {
     /// Starts the pod's sandbox: checks the policy, takes the pod's ID range, compiles
     /// (or finds) each artifact, and waits for the sandbox to load them.
     async fn start_sandboxed(&mut self, images: Vec<PulledImage>) -> PodState {
-        let settings = &self.ctx.settings;
+        let ctx = self.ctx.clone();
+        let settings = &ctx.settings;
         let host_users = self.spec(|s| s.host_users) == Some(true);
         if host_users && !settings.allow_host_users {
             return self
@@ -393,6 +513,9 @@ impl Worker {
                 Err(e) => return self.start_failed(format!("ID range task: {e}")).await,
             }
         };
+        if let Err(next) = self.prepare_volumes(ids.map(|r| r.first)).await {
+            return next;
+        }
         let containers = self.spec(|s| s.containers.clone());
         let mut specs = Vec::with_capacity(containers.len());
         let mut files = Vec::new();
@@ -438,6 +561,15 @@ impl Worker {
                 args: context.args,
                 env: context.env,
                 memory_limit,
+                preopens: self
+                    .preopens(container, true)
+                    .into_iter()
+                    .map(|p| brink_proto::sandbox::Preopen {
+                        dir: p.dir.to_string_lossy().into_owned(),
+                        guest: p.guest,
+                        read_only: p.read_only,
+                    })
+                    .collect(),
             });
         }
         let plan = SandboxPlan {
@@ -445,7 +577,11 @@ impl Worker {
             root: settings.data_dir.join("sandboxes").join(&uid),
             ids,
             files,
-            dirs: Vec::new(),
+            dirs: self
+                .volumes
+                .iter()
+                .map(|v| (v.host_dir.clone(), volume_inside(&v.name), !v.writable))
+                .collect(),
             hostname: self
                 .record
                 .read()
@@ -518,6 +654,9 @@ impl Worker {
     }
 
     async fn start_in_process(&mut self, images: Vec<PulledImage>) -> PodState {
+        if let Err(next) = self.prepare_volumes(None).await {
+            return next;
+        }
         let containers = self.spec(|s| s.containers.clone());
         let mut apps = Vec::with_capacity(containers.len());
         for (container, image) in containers.into_iter().zip(images) {
@@ -601,7 +740,10 @@ impl Worker {
                 }
             }
         });
-        futures::future::join_all(supervisors).await;
+        tokio::select! {
+            _ = futures::future::join_all(supervisors) => {}
+            () = self.refresh_volumes() => {}
+        }
         if *self.stop.borrow() {
             PodState::Stopped
         } else {

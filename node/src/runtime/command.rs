@@ -62,7 +62,16 @@ impl CommandApp {
 
     /// Runs the command to its end. Cancel-safe: dropping the future stops the guest.
     pub async fn run(&self) -> ExitStatus {
-        let mut wasi = self.ctx.wasi();
+        let mut wasi = match self.ctx.wasi() {
+            Ok(wasi) => wasi,
+            Err(e) => {
+                return ExitStatus {
+                    code: 128,
+                    reason: "ContainerCannotRun".into(),
+                    message: Some(format!("{e:#}")),
+                };
+            }
+        };
         let limits = self.runtime.limits(self.ctx.memory_limit);
         let result = match &self.kind {
             Kind::Component(pre) => {

@@ -120,7 +120,7 @@ impl HttpApp {
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let internal = |e: wasmtime::Error| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
-        let mut wasi = self.ctx.wasi();
+        let mut wasi = self.ctx.wasi().map_err(internal)?;
         let mut store = Store::new(
             self.runtime.engine(),
             HostState {

@@ -109,13 +109,35 @@ pub struct GuestContext {
     pub outbound: Outbound,
     /// `namespace/pod/container`, for traces.
     pub name: String,
+    /// Directories the guest is given (its volume mounts).
+    pub preopens: Vec<Preopen>,
+}
+
+/// A directory given to a guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    /// The directory in this process's file system.
+    pub dir: PathBuf,
+    /// Where the guest sees it.
+    pub guest: String,
+    pub read_only: bool,
 }
 
 impl GuestContext {
     /// The WASI context every instance of this container starts from: its argv, its
-    /// environment, and stdout/stderr into its log.
-    pub(crate) fn wasi(&self) -> wasmtime_wasi::WasiCtxBuilder {
+    /// environment, its preopened directories, and stdout/stderr into its log. Fails
+    /// when a directory cannot be opened.
+    pub(crate) fn wasi(&self) -> Result<wasmtime_wasi::WasiCtxBuilder, wasmtime::Error> {
         let mut wasi = WasiCtx::builder();
+        for preopen in &self.preopens {
+            let perms = if preopen.read_only {
+                wasmtime_wasi::FsPerms::ReadOnly
+            } else {
+                wasmtime_wasi::FsPerms::ReadWrite
+            };
+            wasi.preopened_dir(&preopen.dir, &preopen.guest, perms)
+                .map_err(|e| e.context(format!("volume at {}", preopen.guest)))?;
+        }
         wasi.args(&self.args)
             .envs(&self.env)
             .stdout(LogWriter::new(
@@ -126,7 +148,7 @@ impl GuestContext {
                 self.log.clone(),
                 crate::logs::Stream::Stderr,
             ));
-        wasi
+        Ok(wasi)
     }
 }
 
@@ -413,6 +435,10 @@ impl Runtime {
         loaded: &Loaded,
         ctx: GuestContext,
     ) -> Result<App, RuntimeError> {
+        // Every instance opens its directories afresh; a missing one is a start error
+        // now, not a failure of each request later.
+        ctx.wasi()
+            .map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
         match loaded {
             Loaded::Component(component) => {
                 let pre = self.linker.instantiate_pre(component).map_err(|e| {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brink_proto::sandbox::{
-    Exited, FrameDecoder, HttpHead, LogStream, Message, SandboxMode, Setup, Start,
+    DirBind, Exited, FrameDecoder, HttpHead, LogStream, Message, SandboxMode, Setup, Start,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -33,7 +33,8 @@ pub struct SandboxPlan {
     /// Host files bind-mounted read-only: (host path, path inside).
     pub files: Vec<(PathBuf, String)>,
     /// Host directories bind-mounted writable: (host path, path inside).
-    pub dirs: Vec<(PathBuf, String)>,
+    /// Host directories bound in: (host path, path inside, read-only).
+    pub dirs: Vec<(PathBuf, String, bool)>,
     pub hostname: String,
     pub max_threads: u64,
     pub max_data_bytes: u64,
@@ -160,7 +161,11 @@ impl Sandbox {
             dirs: plan
                 .dirs
                 .iter()
-                .map(|(h, i)| (path(h), i.clone()))
+                .map(|(h, i, read_only)| DirBind {
+                    host: path(h),
+                    inside: i.clone(),
+                    read_only: *read_only,
+                })
                 .collect(),
             hostname: plan.hostname.clone(),
             user_namespace: plan.ids.is_some(),

@@ -398,6 +398,15 @@ fn prepare_one(
             streams: streams.clone(),
         })),
         name: format!("{pod}/{}", spec.name),
+        preopens: spec
+            .preopens
+            .iter()
+            .map(|p| crate::runtime::Preopen {
+                dir: p.dir.clone().into(),
+                guest: p.guest.clone(),
+                read_only: p.read_only,
+            })
+            .collect(),
     };
     runtime.prepare(&loaded, ctx).map_err(|e| e.to_string())
 }

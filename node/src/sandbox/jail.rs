@@ -132,21 +132,23 @@ pub fn build(setup: &Setup, link: &mut BlockingLink) -> Result<(), JailError> {
             None,
         )?;
     }
-    for (host, inside) in &setup.dirs {
-        let target = inside_path(&root, inside)?;
+    for bind in &setup.dirs {
+        let target = inside_path(&root, &bind.inside)?;
         create_dirs(Path::new(&target))?;
-        mount(
-            Some(host),
-            &target,
-            None,
-            libc::MS_BIND | libc::MS_REC,
-            None,
-        )?;
+        // Not recursive: mounts below a host directory stay out of the sandbox, and a
+        // read-only bind cannot leave a writable submount behind.
+        mount(Some(&bind.host), &target, None, libc::MS_BIND, None)?;
+        let read_only = if bind.read_only { libc::MS_RDONLY } else { 0 };
         mount(
             None,
             &target,
             None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC
+                | read_only,
             None,
         )?;
     }

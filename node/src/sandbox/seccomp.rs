@@ -102,6 +102,8 @@ fn plain() -> Vec<libc::c_long> {
         libc::SYS_dup3,
         // the files of the pod's own volumes (the root is an empty read-only tmpfs)
         libc::SYS_openat,
+        // cap-std resolves guest paths with RESOLVE_BENEATH through openat2
+        libc::SYS_openat2,
         libc::SYS_newfstatat,
         libc::SYS_fstat,
         libc::SYS_statx,
