@@ -88,6 +88,19 @@ pub struct NodeFlags {
     /// How long a new sandbox may take to start.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     sandbox_start_timeout: Duration,
+    /// cgroup limits for sandboxes: `auto` uses v2, or v1 on hybrid hosts, where the
+    /// agent may create cgroups; `off` relies on rlimits alone.
+    #[arg(long, value_enum, default_value = "auto")]
+    cgroups: CgroupsArg,
+    /// Memory a sandbox's cgroup allows beyond its containers' limits, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    sandbox_cgroup_memory_overhead: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CgroupsArg {
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -176,6 +189,8 @@ impl NodeFlags {
         s.sandbox_max_instances = self.sandbox_max_instances;
         s.sandbox_memory_overhead = self.sandbox_memory_overhead;
         s.sandbox_start_timeout = self.sandbox_start_timeout;
+        s.cgroups = self.cgroups == CgroupsArg::Auto;
+        s.sandbox_cgroup_memory_overhead = self.sandbox_cgroup_memory_overhead;
         Ok(s)
     }
 }

@@ -38,6 +38,12 @@ pub struct ProbeArgs {
     max_threads: u64,
     #[arg(long, default_value_t = 512 << 20)]
     max_data_bytes: u64,
+    /// Put the sandbox in a cgroup with this memory limit, in bytes (as pods get).
+    #[arg(long)]
+    cgroup_memory: Option<u64>,
+    /// The cgroup's pids limit (with `--cgroup-memory`).
+    #[arg(long, default_value_t = 64)]
+    cgroup_pids: u64,
     /// The attack: id, read PATH, write PATH, kill PID, ptrace PID, mount, unshare, bpf,
     /// keyctl, socket, fork, threads N, memory BYTES, idle (until stdin closes).
     attack: String,
@@ -97,6 +103,24 @@ pub async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             Ok((PathBuf::from(host), inside.to_string(), false))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let cgroup = match args.cgroup_memory {
+        None => None,
+        Some(memory_bytes) => {
+            let name = brink_node::sandbox::cgroup::subtree_name(&args.data_dir);
+            let cgroups =
+                tokio::task::spawn_blocking(move || brink_node::sandbox::Cgroups::set_up(&name))
+                    .await??;
+            Some(brink_node::sandbox::CgroupPlan {
+                cgroups: Arc::new(cgroups),
+                name: args.pod_uid.clone(),
+                limits: brink_node::sandbox::CgroupLimits {
+                    memory_bytes,
+                    pids: args.cgroup_pids,
+                    cpu_millis: None,
+                },
+            })
+        }
+    };
     let plan = SandboxPlan {
         name: format!("probe/{}", args.pod_uid),
         root: args.data_dir.join("sandboxes").join(&args.pod_uid),
@@ -110,6 +134,7 @@ pub async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             attack: args.attack.clone(),
             args: args.args.clone(),
         },
+        cgroup,
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let sandbox = Sandbox::launch(&plan, Arc::new(ProbeEvents(events_tx))).await?;
@@ -152,7 +177,12 @@ pub async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
         "describe": end.describe(),
         "signal": signal,
         "seccomp_killed": end.seccomp_killed(),
+        "oom_killed": end.oom_killed,
+        "reason": end.reason(),
     }));
+    if let Some(cgroup) = plan.cgroup {
+        tokio::task::spawn_blocking(move || cgroup.cgroups.remove_subtree()).await?;
+    }
     let uid = args.pod_uid.clone();
     tokio::task::spawn_blocking(move || ranges.release(&uid)).await??;
     Ok(())

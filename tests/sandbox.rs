@@ -284,6 +284,117 @@ fn the_sandbox_has_only_loopback_and_its_own_limits() {
     assert!(memory.output().contains("Cannot allocate memory"));
 }
 
+/// `pid`'s cgroup directory for `controller`: its v1 hierarchy's, or its v2 cgroup.
+fn cgroup_dir(pid: u32, controller: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("proc cgroup");
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, list, path) = (parts.next(), parts.next(), parts.next());
+        if let (Some(list), Some(path)) = (list, path)
+            && list.split(',').any(|c| c == controller)
+        {
+            return format!("/sys/fs/cgroup/{controller}{path}").into();
+        }
+    }
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup");
+    format!("/sys/fs/cgroup{path}").into()
+}
+
+fn cgroup_value(dir: &std::path::Path, v1: &str, v2: &str) -> String {
+    std::fs::read_to_string(dir.join(v1))
+        .or_else(|_| std::fs::read_to_string(dir.join(v2)))
+        .unwrap_or_else(|e| panic!("{} has neither {v1} nor {v2}: {e}", dir.display()))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_sandbox_over_its_cgroup_memory_is_oom_killed_and_its_pids_are_capped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // RLIMIT_DATA far above the cgroup's limit, so the cgroup is what stops it.
+    let memory = probe(
+        dir.path(),
+        &[
+            "--cgroup-memory",
+            &(64u64 << 20).to_string(),
+            "--max-data-bytes",
+            &(2u64 << 30).to_string(),
+        ],
+        &["memory", &(1u64 << 30).to_string()],
+    );
+    let end = memory.end();
+    assert_eq!(end["oom_killed"], true, "{end}");
+    assert_eq!(end["reason"], "OOMKilled", "{end}");
+    assert_eq!(end["signal"], 9, "{end}");
+
+    let threads = probe(
+        dir.path(),
+        &[
+            "--cgroup-memory",
+            &(256u64 << 20).to_string(),
+            "--cgroup-pids",
+            "8",
+            "--max-threads",
+            "1000",
+        ],
+        &["threads", "100"],
+    );
+    let started: u32 = threads
+        .output()
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("started="))
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(started < 8, "{}", threads.output());
+    assert_eq!(threads.end()["oom_killed"], false);
+}
+
+#[test]
+fn a_pods_sandbox_runs_in_its_own_cgroup_with_the_pods_limits() {
+    let layout = tempfile::tempdir().expect("tempdir");
+    let hello = layout_image(layout.path(), "hello");
+    let node = Node::start();
+    let port = free_port();
+    let manifest = service_pod("limited", &hello, port, &[])
+        + "    resources:\n      limits:\n        memory: 32Mi\n        cpu: 250m\n";
+    node.write_manifest("limited.yaml", &manifest);
+    let pod = node.wait_ready("limited");
+    assert!(
+        node.log().contains("sandboxes get cgroup limits"),
+        "{}",
+        node.log()
+    );
+    let uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let pid = sandbox_pids(node.pid().expect("pid"))[0];
+    let memory = cgroup_dir(pid, "memory");
+    assert!(
+        memory.ends_with(format!("pod-{uid}")),
+        "{}",
+        memory.display()
+    );
+    // The containers' limit plus the default 64 MiB sandbox overhead.
+    let limit = cgroup_value(&memory, "memory.limit_in_bytes", "memory.max");
+    assert_eq!(limit, ((32u64 << 20) + (64u64 << 20)).to_string());
+    let pids = cgroup_dir(pid, "pids");
+    assert_eq!(cgroup_value(&pids, "pids.max", "pids.max"), "64");
+    let cpu = cgroup_dir(pid, "cpu");
+    let quota = cgroup_value(&cpu, "cpu.cfs_quota_us", "cpu.max");
+    assert!(quota == "25000" || quota == "25000 100000", "{quota}");
+    assert_eq!(http_get(addr(port), "/").expect("served").status, 200);
+
+    node.remove_manifest("limited.yaml");
+    node.wait_gone("limited");
+    wait_for("the pod's cgroup to be removed", || {
+        (!memory.exists() && !pids.exists()).then_some(())
+    });
+}
+
 #[test]
 fn a_garbled_frame_closes_that_sandbox_only() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -49,6 +49,8 @@ pub struct NodeContext {
     pub user_namespaces: Result<(), String>,
     /// The ConfigMaps and Secrets pods' volumes read; workers watch it for changes.
     pub config: tokio::sync::watch::Sender<Arc<ConfigObjects>>,
+    /// Where sandboxes get cgroup limits (None: rlimits only).
+    pub cgroups: Option<Arc<crate::sandbox::Cgroups>>,
 }
 
 impl NodeContext {
@@ -98,21 +100,30 @@ impl Agent {
         if let Err(reason) = &user_namespaces {
             tracing::warn!(%reason, "pods that need a user namespace will be refused");
         }
-        if settings.isolation == crate::settings::Isolation::Sandbox {
-            // Sandboxes are capped by rlimits (threads: RLIMIT_NPROC of their own uid;
-            // writable memory: RLIMIT_DATA). cgroup v2 limits are not applied yet; say so
-            // plainly, with what this host offers.
-            let controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers");
-            match controllers {
-                Ok(c) => tracing::warn!(
-                    controllers = %c.trim(),
-                    "cgroup v2 limits are not applied to sandboxes yet; threads and memory are capped by rlimits"
-                ),
-                Err(_) => tracing::warn!(
-                    "no cgroup v2 hierarchy at /sys/fs/cgroup (cgroup v1 or hybrid host): sandboxes get no cgroup limits; threads and memory are capped by rlimits"
-                ),
+        // Sandboxes are always capped by rlimits (threads: RLIMIT_NPROC of their own uid;
+        // writable memory: RLIMIT_DATA); cgroups add exact memory, pids and CPU limits
+        // where the host lets the agent make them, and the log says which it is.
+        let cgroups = if settings.isolation == crate::settings::Isolation::Sandbox {
+            if settings.cgroups {
+                let name = crate::sandbox::cgroup::subtree_name(&settings.data_dir);
+                match crate::sandbox::Cgroups::set_up(&name) {
+                    Ok(cgroups) => {
+                        cgroups.remove_stale();
+                        tracing::info!(cgroups = %cgroups.describe(), "sandboxes get cgroup limits");
+                        Some(Arc::new(cgroups))
+                    }
+                    Err(e) => {
+                        tracing::warn!(reason = %e, "sandboxes get no cgroup limits, only rlimits");
+                        None
+                    }
+                }
+            } else {
+                tracing::warn!("cgroups are off (--cgroups off): sandboxes get rlimits only");
+                None
             }
-        }
+        } else {
+            None
+        };
         if settings.isolation == crate::settings::Isolation::InProcess {
             tracing::warn!(
                 "guests run inside the agent process (--isolation=in-process): no sandbox"
@@ -128,6 +139,7 @@ impl Agent {
                 id_ranges,
                 user_namespaces,
                 config: tokio::sync::watch::Sender::new(Arc::default()),
+                cgroups,
             }),
             pods: RwLock::new(HashMap::new()),
             source_errors: RwLock::new(Vec::new()),
@@ -194,6 +206,9 @@ impl Agent {
             .map(|mut p| p.drain().map(|(_, h)| h).collect())
             .unwrap_or_default();
         futures::future::join_all(handles.into_iter().map(stop_handle)).await;
+        if let Some(cgroups) = self.ctx.cgroups.clone() {
+            let _ = tokio::task::spawn_blocking(move || cgroups.remove_subtree()).await;
+        }
         server.abort();
         Ok(())
     }

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod cache;
+pub mod fnv;
 pub mod hostport;
 pub mod idranges;
 pub mod images;

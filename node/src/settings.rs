@@ -77,6 +77,12 @@ pub struct NodeSettings {
     pub sandbox_memory_overhead: u64,
     /// How long a new sandbox may take to build its jail and load its artifacts.
     pub sandbox_start_timeout: Duration,
+    /// Whether sandboxes get cgroup limits where the host allows it (v2, or v1 on hybrid
+    /// hosts); off leaves them with rlimits only.
+    pub cgroups: bool,
+    /// Memory a sandbox's cgroup allows beyond its containers' memory limits: the
+    /// runtime's own resident memory, stacks and buffers.
+    pub sandbox_cgroup_memory_overhead: u64,
 }
 
 impl NodeSettings {
@@ -111,6 +117,8 @@ impl NodeSettings {
             sandbox_max_instances: 64,
             sandbox_memory_overhead: 512 << 20,
             sandbox_start_timeout: Duration::from_secs(10),
+            cgroups: true,
+            sandbox_cgroup_memory_overhead: 64 << 20,
         }
     }
 }

@@ -14,4 +14,4 @@ pub mod sandbox;
 pub mod volumes;
 
 pub use manifest::{ManifestError, Object, PodManifest, parse_manifests};
-pub use quantity::{QuantityError, parse_bytes};
+pub use quantity::{QuantityError, parse_bytes, parse_cpu_millis};

@@ -484,6 +484,10 @@ fn validate_container(
                     field_err(at(&format!("resources.{kind}.memory")), e.to_string())
                 })?;
             }
+            if let Some(cpu) = list.as_ref().and_then(|l| l.get("cpu")) {
+                crate::quantity::parse_cpu_millis(&cpu.0)
+                    .map_err(|e| field_err(at(&format!("resources.{kind}.cpu")), e.to_string()))?;
+            }
         }
     }
     for (j, env) in container.env.iter().flatten().enumerate() {

@@ -1,4 +1,5 @@
-//! Kubernetes resource quantities (`128Mi`, `1G`, `5e8`), as byte counts.
+//! Kubernetes resource quantities: memory (`128Mi`, `1G`, `5e8`) as byte counts, CPU
+//! (`500m`, `1`, `1.5`) as thousandths of a core.
 
 use thiserror::Error;
 
@@ -65,6 +66,35 @@ pub fn parse_bytes(value: &str) -> Result<u64, QuantityError> {
     Ok(bytes as u64)
 }
 
+/// Parses a CPU quantity into millicores: `250m`, `1`, `0.5`, `2.25`. Anything finer than a
+/// millicore, or negative, is refused (the API server rounds; Brink says so instead).
+pub fn parse_cpu_millis(value: &str) -> Result<u64, QuantityError> {
+    let err = |reason| QuantityError {
+        value: value.to_string(),
+        reason,
+    };
+    let s = value.trim();
+    let (number, scale) = match s.strip_suffix('m') {
+        Some(n) => (n, 1.0),
+        None => (s, 1000.0),
+    };
+    if number.is_empty()
+        || !number.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        || number.matches('.').count() > 1
+    {
+        return Err(err("expected a number of cores or millicores (500m)"));
+    }
+    let n: f64 = number.parse().map_err(|_| err("expected a number"))?;
+    let millis = n * scale;
+    if !millis.is_finite() || millis > 1e12 {
+        return Err(err("out of range"));
+    }
+    if millis.fract() != 0.0 {
+        return Err(err("finer than a millicore"));
+    }
+    Ok(millis as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +107,19 @@ mod tests {
         assert_eq!(parse_bytes("500M"), Ok(500_000_000));
         assert_eq!(parse_bytes("5e8"), Ok(500_000_000));
         assert_eq!(parse_bytes("4096"), Ok(4096));
+    }
+
+    #[test]
+    fn cpu_quantities_are_millicores() {
+        assert_eq!(parse_cpu_millis("500m"), Ok(500));
+        assert_eq!(parse_cpu_millis("1"), Ok(1000));
+        assert_eq!(parse_cpu_millis("0.25"), Ok(250));
+        assert_eq!(parse_cpu_millis("2.5"), Ok(2500));
+        for bad in [
+            "", "m", "-1", "0.0001", "1.2.3", "1Gi", "1e3", "abc", "1e999",
+        ] {
+            assert!(parse_cpu_millis(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 
     #[test]

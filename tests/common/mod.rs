@@ -487,6 +487,37 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
+        remove_node_cgroups(&self.data_dir);
+    }
+}
+
+/// Removes the cgroup subtree a killed node left (`brink-<FNV-1a of its data dir>` beside
+/// this test process's own cgroups, as the node names it), so test runs leave none behind.
+fn remove_node_cgroups(data_dir: &Path) {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data_dir.as_os_str().as_encoded_bytes() {
+        hash = (hash ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+    }
+    let name = format!("brink-{:08x}", hash as u32);
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(list), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let base = match list.split(',').next() {
+            Some("") | None => "/sys/fs/cgroup".to_string(),
+            Some(controller) => format!("/sys/fs/cgroup/{controller}"),
+        };
+        let subtree = PathBuf::from(format!("{base}{path}")).join(&name);
+        if let Ok(entries) = std::fs::read_dir(&subtree) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with("pod-") {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&subtree);
+        }
     }
 }
 

@@ -281,19 +281,7 @@ fn mode_bits(mode: Option<i32>) -> u32 {
 /// A short, stable name for one projection's content.
 fn projection_name(files: &Files) -> String {
     use std::hash::{Hash as _, Hasher as _};
-    // FNV-1a over a canonical encoding: stable across builds, unlike DefaultHasher.
-    struct Fnv(u64);
-    impl std::hash::Hasher for Fnv {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, bytes: &[u8]) {
-            for b in bytes {
-                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-            }
-        }
-    }
-    let mut hasher = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut hasher = crate::fnv::Fnv::default();
     files.hash(&mut hasher);
     format!("..{:016x}", hasher.finish())
 }

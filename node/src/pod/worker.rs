@@ -19,7 +19,10 @@ use crate::logs::GuestOutput;
 use crate::logs::{ContainerLog, Stream};
 use crate::metrics::Metrics;
 use crate::runtime::{ExitStatus, GuestContext, Outbound, OutboundPolicy, Preopen};
-use crate::sandbox::{Command, PodSandbox, SandboxEvents, SandboxPlan, SandboxService, Service};
+use crate::sandbox::{
+    CgroupLimits, CgroupPlan, Command, PodSandbox, SandboxEvents, SandboxPlan, SandboxService,
+    Service,
+};
 use crate::settings::Isolation;
 
 /// A prepared container, wherever its guests run.
@@ -111,6 +114,16 @@ struct Worker {
     volumes: Vec<PreparedVolume>,
     /// Who owns what the pod may write in its volumes (its ID range's root).
     volume_owner: Option<u32>,
+}
+
+/// The pod's CPU quota: the sum of its containers' CPU limits, or none when a container
+/// has no limit (as a Kubernetes pod cgroup).
+fn cpu_quota(containers: &[Container]) -> Option<u64> {
+    containers.iter().try_fold(0u64, |sum, c| {
+        let cpu = c.resources.as_ref()?.limits.as_ref()?.get("cpu")?;
+        let millis = brink_proto::parse_cpu_millis(&cpu.0).ok()?;
+        Some(sum.saturating_add(millis))
+    })
 }
 
 /// Where a sandbox sees a pod's volume.
@@ -591,6 +604,16 @@ impl Worker {
             max_threads: settings.sandbox_max_threads,
             max_data_bytes: total_memory.saturating_add(settings.sandbox_memory_overhead),
             mode: brink_proto::sandbox::SandboxMode::Pod,
+            cgroup: ctx.cgroups.clone().map(|cgroups| CgroupPlan {
+                cgroups,
+                name: uid.clone(),
+                limits: CgroupLimits {
+                    memory_bytes: total_memory
+                        .saturating_add(settings.sandbox_cgroup_memory_overhead),
+                    pids: settings.sandbox_max_threads,
+                    cpu_millis: cpu_quota(&containers),
+                },
+            }),
         };
         let start = brink_proto::sandbox::Start {
             pod: self.key.clone(),
@@ -992,7 +1015,7 @@ impl Worker {
         let finished_at = Timestamp::now();
         let terminated = Terminated {
             exit_code: end.exit_code(),
-            reason: "Error".into(),
+            reason: end.reason().into(),
             message: Some(description),
             started_at: self
                 .record

@@ -15,6 +15,7 @@ use brink_proto::sandbox::{
 use tokio::sync::{oneshot, watch};
 
 use super::bodies::{self, ChunkSender};
+use super::cgroup::{CgroupLimits, Cgroups, PodCgroup};
 use super::link::{LinkError, LinkSender, spawn_link};
 use super::spawn::{ProcessEnd, SandboxProcess, signal_name, spawn};
 use crate::idranges::IdRange;
@@ -32,13 +33,23 @@ pub struct SandboxPlan {
     pub ids: Option<IdRange>,
     /// Host files bind-mounted read-only: (host path, path inside).
     pub files: Vec<(PathBuf, String)>,
-    /// Host directories bind-mounted writable: (host path, path inside).
     /// Host directories bound in: (host path, path inside, read-only).
     pub dirs: Vec<(PathBuf, String, bool)>,
     pub hostname: String,
     pub max_threads: u64,
     pub max_data_bytes: u64,
     pub mode: SandboxMode,
+    /// The cgroup the sandbox runs in, where the node has cgroups.
+    pub cgroup: Option<CgroupPlan>,
+}
+
+/// Which cgroup a sandbox gets, and its limits.
+#[derive(Debug, Clone)]
+pub struct CgroupPlan {
+    pub cgroups: Arc<Cgroups>,
+    /// `pod-<name>` is the cgroup's directory name.
+    pub name: String,
+    pub limits: CgroupLimits,
 }
 
 /// What a sandbox's pod wants done with its output and outbound calls.
@@ -67,6 +78,8 @@ pub struct SandboxEnd {
     pub fatal: Option<String>,
     /// Why the agent closed the link, if it did.
     pub link: Option<String>,
+    /// Whether the kernel's OOM killer ended it (its cgroup's memory limit).
+    pub oom_killed: bool,
 }
 
 impl SandboxEnd {
@@ -79,8 +92,20 @@ impl SandboxEnd {
         }
     }
 
+    /// The container's reason, as a kubelet words it.
+    pub fn reason(&self) -> &'static str {
+        if self.oom_killed {
+            "OOMKilled"
+        } else {
+            "Error"
+        }
+    }
+
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
+        if self.oom_killed {
+            parts.push("out of memory: killed at its cgroup's memory limit".to_string());
+        }
         if let Some(end) = self.process {
             parts.push(format!("sandbox {end}"));
         }
@@ -140,6 +165,36 @@ impl Sandbox {
             .await
             .map_err(|e| SandboxError::Start(format!("create {}: {e}", plan.root.display())))?;
         let process = spawn().await.map_err(SandboxError::Spawn)?;
+        // Into its cgroup before it is told to build anything: everything the sandbox
+        // allocates from here on is charged there.
+        let cgroup = match &plan.cgroup {
+            None => None,
+            Some(cg) => {
+                let (cg, pid) = (cg.clone(), process.pid);
+                let made = tokio::task::spawn_blocking(move || {
+                    let made = cg.cgroups.create(&cg.name, &cg.limits)?;
+                    if let Err(e) = made.add(pid) {
+                        made.remove();
+                        return Err(e);
+                    }
+                    Ok(made)
+                })
+                .await;
+                match made {
+                    Ok(Ok(made)) => Some(Arc::new(made)),
+                    Ok(Err(e)) => {
+                        process.kill();
+                        let _ = process.wait().await;
+                        return Err(SandboxError::Start(format!("cgroup: {e}")));
+                    }
+                    Err(e) => {
+                        process.kill();
+                        let _ = process.wait().await;
+                        return Err(SandboxError::Start(format!("cgroup task: {e}")));
+                    }
+                }
+            }
+        };
         let socket = process.socket.try_clone().map_err(SandboxError::Spawn)?;
         let process = Arc::new(process);
         let (link, messages) = match spawn_link(socket, FrameDecoder::new()) {
@@ -193,7 +248,10 @@ impl Sandbox {
                 shared,
                 process,
                 events,
-                plan.ids,
+                HostSide {
+                    ids: plan.ids,
+                    cgroup,
+                },
                 ended_tx,
             ),
             span,
@@ -260,6 +318,7 @@ impl Sandbox {
                     process: None,
                     fatal: None,
                     link: Some("the sandbox's supervisor is gone".into()),
+                    oom_killed: false,
                 });
             }
         }
@@ -374,6 +433,14 @@ async fn route(map: &Mutex<HashMap<u64, ChunkSender>>, chunk: brink_proto::sandb
     }
 }
 
+/// What the agent set up for a sandbox on the host side, to finish or undo.
+struct HostSide {
+    /// The ID range to map once the sandbox asks.
+    ids: Option<IdRange>,
+    /// Its cgroup, read and removed once the process is reaped.
+    cgroup: Option<Arc<PodCgroup>>,
+}
+
 async fn write_id_maps(pid: i32, ids: IdRange) -> std::io::Result<()> {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let map = format!("0 {} {}\n", ids.first, ids.count);
@@ -390,9 +457,10 @@ async fn dispatch(
     shared: Arc<Shared>,
     process: Arc<SandboxProcess>,
     events: Arc<dyn SandboxEvents>,
-    ids: Option<IdRange>,
+    host: HostSide,
     ended: watch::Sender<Option<Arc<SandboxEnd>>>,
 ) {
+    let HostSide { ids, cgroup } = host;
     let mut link_error = None;
     let mut mapped = false;
     while let Some(message) = messages.recv().await {
@@ -470,10 +538,22 @@ async fn dispatch(
     process.kill();
     let end = process.wait().await.ok();
     let fatal = shared.fatal.lock().ok().and_then(|f| f.clone());
+    // The cgroup is read (was it an OOM kill?) and removed once the process is reaped.
+    let oom_killed = match cgroup {
+        Some(cgroup) => tokio::task::spawn_blocking(move || {
+            let oom = cgroup.oom_killed();
+            cgroup.remove();
+            oom
+        })
+        .await
+        .unwrap_or(false),
+        None => false,
+    };
     let end = SandboxEnd {
         process: end,
         fatal,
         link: link_error,
+        oom_killed,
     };
     if end.seccomp_killed() {
         tracing::warn!(

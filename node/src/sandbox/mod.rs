@@ -4,8 +4,9 @@
 //!
 //! Owns: creating sandbox processes and reaping them ([`spawn`]), the jail they build
 //! ([`jail`], [`seccomp`]), the framed link between agent and sandbox ([`link`],
-//! [`bodies`]), the agent's view of one sandbox ([`conn`]), the sandbox-side host of the
-//! guests ([`guest`]) and the attack probe ([`probe`]). [`PodSandbox`] restarts a pod's
+//! [`bodies`]), the agent's view of one sandbox ([`conn`]), its cgroup limits
+//! ([`cgroup`]), the sandbox-side host of the guests ([`guest`]) and the attack probe
+//! ([`probe`]). [`PodSandbox`] restarts a pod's
 //! sandbox when it dies; [`Service`] and [`Command`] are how the pod worker reaches
 //! guests, sandboxed or (for benchmarks, by explicit node setting) in-process.
 //!
@@ -13,6 +14,7 @@
 //! compiling guests ([`crate::runtime`]; the agent compiles, sandboxes only map the result).
 
 mod bodies;
+pub mod cgroup;
 pub mod conn;
 pub mod guest;
 mod jail;
@@ -30,7 +32,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use hyper::{Request, Response};
 
-pub use conn::{Sandbox, SandboxEnd, SandboxError, SandboxEvents, SandboxPlan};
+pub use cgroup::{CgroupLimits, Cgroups};
+pub use conn::{CgroupPlan, Sandbox, SandboxEnd, SandboxError, SandboxEvents, SandboxPlan};
 pub use guest::sandbox_main;
 pub use spawn::{SANDBOX_SUBCOMMAND, user_namespaces_available};
 
@@ -266,7 +269,7 @@ impl Command {
                     },
                     Err(end) => ExitStatus {
                         code: end.exit_code(),
-                        reason: "Error".into(),
+                        reason: end.reason().into(),
                         message: Some(end.describe()),
                     },
                 }
