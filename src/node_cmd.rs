@@ -95,6 +95,10 @@ pub struct NodeFlags {
     /// Memory a sandbox's cgroup allows beyond its containers' limits, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     sandbox_cgroup_memory_overhead: u64,
+    /// Sandbox processes kept started ahead of need, so a pod's start skips the exec and
+    /// the move into a cgroup (0: none).
+    #[arg(long, default_value_t = 2)]
+    sandbox_spares: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -191,6 +195,7 @@ impl NodeFlags {
         s.sandbox_start_timeout = self.sandbox_start_timeout;
         s.cgroups = self.cgroups == CgroupsArg::Auto;
         s.sandbox_cgroup_memory_overhead = self.sandbox_cgroup_memory_overhead;
+        s.sandbox_spares = self.sandbox_spares;
         Ok(s)
     }
 }

@@ -135,6 +135,7 @@ pub async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
             args: args.args.clone(),
         },
         cgroup,
+        spares: None,
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let sandbox = Sandbox::launch(&plan, Arc::new(ProbeEvents(events_tx))).await?;

@@ -51,6 +51,8 @@ pub struct NodeContext {
     pub config: tokio::sync::watch::Sender<Arc<ConfigObjects>>,
     /// Where sandboxes get cgroup limits (None: rlimits only).
     pub cgroups: Option<Arc<crate::sandbox::Cgroups>>,
+    /// Sandbox processes started ahead of need (None: every start from scratch).
+    pub spares: Option<Arc<crate::sandbox::Spares>>,
 }
 
 impl NodeContext {
@@ -129,6 +131,20 @@ impl Agent {
                 "guests run inside the agent process (--isolation=in-process): no sandbox"
             );
         }
+        let spares = (settings.isolation == crate::settings::Isolation::Sandbox
+            && user_namespaces.is_ok()
+            && settings.sandbox_spares > 0)
+            .then(|| {
+                crate::sandbox::Spares::new(
+                    cgroups.clone(),
+                    crate::sandbox::CgroupLimits {
+                        memory_bytes: settings.sandbox_cgroup_memory_overhead,
+                        pids: settings.sandbox_max_threads,
+                        cpu_millis: None,
+                    },
+                    settings.sandbox_spares,
+                )
+            });
         Ok(Arc::new(Self {
             ctx: Arc::new(NodeContext {
                 settings,
@@ -140,6 +156,7 @@ impl Agent {
                 user_namespaces,
                 config: tokio::sync::watch::Sender::new(Arc::default()),
                 cgroups,
+                spares,
             }),
             pods: RwLock::new(HashMap::new()),
             source_errors: RwLock::new(Vec::new()),
@@ -188,6 +205,7 @@ impl Agent {
             .await
             .map_err(|source| AgentError::Bind { addr, source })?;
         let server = tokio::spawn(crate::kubelet::serve(listener, self.clone()));
+        let spares = self.ctx.spares.clone().map(|s| tokio::spawn(s.run()));
         tracing::info!(node = %self.ctx.settings.node_name, %addr, "node agent ready");
         tokio::pin!(shutdown);
         loop {
@@ -206,6 +224,12 @@ impl Agent {
             .map(|mut p| p.drain().map(|(_, h)| h).collect())
             .unwrap_or_default();
         futures::future::join_all(handles.into_iter().map(stop_handle)).await;
+        if let Some(task) = spares {
+            task.abort();
+        }
+        if let Some(spares) = &self.ctx.spares {
+            spares.shutdown().await;
+        }
         if let Some(cgroups) = self.ctx.cgroups.clone() {
             let _ = tokio::task::spawn_blocking(move || cgroups.remove_subtree()).await;
         }

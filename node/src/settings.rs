@@ -83,6 +83,9 @@ pub struct NodeSettings {
     /// Memory a sandbox's cgroup allows beyond its containers' memory limits: the
     /// runtime's own resident memory, stacks and buffers.
     pub sandbox_cgroup_memory_overhead: u64,
+    /// Sandbox processes kept started ahead of need (exec'd, in a cgroup), so a pod's
+    /// start skips both; 0 starts every sandbox from scratch.
+    pub sandbox_spares: usize,
 }
 
 impl NodeSettings {
@@ -119,6 +122,7 @@ impl NodeSettings {
             sandbox_start_timeout: Duration::from_secs(10),
             cgroups: true,
             sandbox_cgroup_memory_overhead: 64 << 20,
+            sandbox_spares: 2,
         }
     }
 }

@@ -512,8 +512,15 @@ fn remove_node_cgroups(data_dir: &Path) {
         let subtree = PathBuf::from(format!("{base}{path}")).join(&name);
         if let Ok(entries) = std::fs::read_dir(&subtree) {
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with("pod-") {
-                    let _ = std::fs::remove_dir(entry.path());
+                let leaf = entry.file_name().to_string_lossy().into_owned();
+                if leaf.starts_with("pod-") || leaf.starts_with("spare-") {
+                    // The sandboxes died with the node; the kernel may lag a moment.
+                    for _ in 0..50 {
+                        if std::fs::remove_dir(entry.path()).is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                 }
             }
             let _ = std::fs::remove_dir(&subtree);
@@ -586,7 +593,11 @@ pub fn sandbox_pids(node_pid: u32) -> Vec<u32> {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(node_pid) {
+        // A spare (started ahead of need, no pod yet) is still the host's root; a pod's
+        // sandbox has entered its user namespace and runs as its range's first ID.
+        let uid = proc_status(pid, "Uid");
+        let spare = uid.split_whitespace().next() == Some("0");
+        if ppid == Some(node_pid) && !spare {
             pids.push(pid);
         }
     }

@@ -614,6 +614,7 @@ impl Worker {
                     cpu_millis: cpu_quota(&containers),
                 },
             }),
+            spares: ctx.spares.clone(),
         };
         let start = brink_proto::sandbox::Start {
             pod: self.key.clone(),

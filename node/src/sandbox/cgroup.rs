@@ -317,7 +317,8 @@ impl Cgroups {
                 continue;
             };
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with("pod-") {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("pod-") || name.starts_with("spare-") {
                     let _ = std::fs::remove_dir(entry.path());
                 }
             }
@@ -345,10 +346,22 @@ impl Cgroups {
 
     /// Makes `pod-<name>` with `limits`. Blocking.
     pub fn create(&self, name: &str, limits: &CgroupLimits) -> Result<PodCgroup, CgroupError> {
-        let leaf = format!("pod-{name}");
+        self.create_leaf(&format!("pod-{name}"), limits)
+    }
+
+    /// Makes a cgroup for a spare sandbox; [`PodCgroup::adopt`] gives it to a pod.
+    pub fn create_spare(
+        &self,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<PodCgroup, CgroupError> {
+        self.create_leaf(&format!("spare-{name}"), limits)
+    }
+
+    fn create_leaf(&self, leaf: &str, limits: &CgroupLimits) -> Result<PodCgroup, CgroupError> {
         let mut dirs = Vec::new();
         for subtree in self.subtrees() {
-            let dir = subtree.join(&leaf);
+            let dir = subtree.join(leaf);
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -356,10 +369,40 @@ impl Cgroups {
             }
             dirs.push(dir);
         }
-        let memory = self.memory.join(&leaf);
+        let mut cgroup = PodCgroup {
+            version: self.version,
+            memory: self.memory.join(leaf),
+            pids: self.pids.as_ref().map(|p| p.join(leaf)),
+            cpu: self.cpu.as_ref().map(|c| c.join(leaf)),
+            dirs,
+            oom_kills_before: 0,
+        };
+        cgroup.set_limits(limits)?;
+        cgroup.oom_kills_before = cgroup.oom_kills();
+        Ok(cgroup)
+    }
+}
+
+/// One sandbox's cgroup (a directory per hierarchy).
+#[derive(Debug)]
+pub struct PodCgroup {
+    version: Version,
+    memory: PathBuf,
+    pids: Option<PathBuf>,
+    cpu: Option<PathBuf>,
+    /// Every directory, once each (on v2 they are all one).
+    dirs: Vec<PathBuf>,
+    /// The OOM-kill count when it was made (a re-used directory keeps its count).
+    oom_kills_before: u64,
+}
+
+impl PodCgroup {
+    /// Writes the limits. Blocking.
+    pub fn set_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
         let quota = limits
             .cpu_millis
             .map(|m| (m.saturating_mul(CPU_PERIOD_US) / 1000).max(1000));
+        let memory = &self.memory;
         match self.version {
             Version::V2 => {
                 write(&memory.join("memory.max"), &limits.memory_bytes.to_string())?;
@@ -373,49 +416,59 @@ impl Cgroups {
                 }
             }
             Version::V1 => {
-                write(
-                    &memory.join("memory.limit_in_bytes"),
-                    &limits.memory_bytes.to_string(),
-                )?;
-                let _ = std::fs::write(
-                    memory.join("memory.memsw.limit_in_bytes"),
-                    limits.memory_bytes.to_string(),
-                );
+                // The memory+swap limit may never be below the memory limit: growing, it
+                // must go first (EINVAL otherwise); shrinking, second.
+                let limit = memory.join("memory.limit_in_bytes");
+                let memsw = memory.join("memory.memsw.limit_in_bytes");
+                let bytes = limits.memory_bytes.to_string();
+                if std::fs::write(&limit, &bytes).is_err() {
+                    let _ = std::fs::write(&memsw, &bytes);
+                    write(&limit, &bytes)?;
+                }
+                let _ = std::fs::write(&memsw, &bytes);
                 if let Some(pids) = &self.pids {
-                    write(&pids.join(&leaf).join("pids.max"), &limits.pids.to_string())?;
+                    write(&pids.join("pids.max"), &limits.pids.to_string())?;
                 }
                 if let Some(cpu) = &self.cpu {
-                    let dir = cpu.join(&leaf);
-                    write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                     let quota = quota.map_or("-1".to_string(), |q| q.to_string());
-                    write(&dir.join("cpu.cfs_quota_us"), &quota)?;
+                    write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
                 }
             }
         }
-        let cgroup = PodCgroup {
-            version: self.version,
-            memory,
-            dirs,
-            oom_kills_before: 0,
-        };
-        Ok(PodCgroup {
-            oom_kills_before: cgroup.oom_kills(),
-            ..cgroup
-        })
+        Ok(())
     }
-}
 
-/// One sandbox's cgroup (a directory per hierarchy).
-#[derive(Debug)]
-pub struct PodCgroup {
-    version: Version,
-    memory: PathBuf,
-    dirs: Vec<PathBuf>,
-    /// The OOM-kill count when it was made (a re-used directory keeps its count).
-    oom_kills_before: u64,
-}
+    /// Gives a spare's cgroup (its process already inside) to pod `name`: renamed to
+    /// `pod-<name>` (a rename moves no process, so it costs nothing) with the pod's
+    /// limits. Blocking.
+    pub fn adopt(&mut self, name: &str, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        let leaf = format!("pod-{name}");
+        let renamed = |dir: &Path| dir.parent().map(|p| p.join(&leaf));
+        for dir in &mut self.dirs {
+            let Some(target) = renamed(dir) else { continue };
+            // An empty cgroup of the pod's last sandbox may linger; it goes first.
+            let _ = std::fs::remove_dir(&target);
+            std::fs::rename(&*dir, &target).map_err(io(&target))?;
+            *dir = target;
+        }
+        for path in [
+            Some(&mut self.memory),
+            self.pids.as_mut(),
+            self.cpu.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some(target) = renamed(path) {
+                *path = target;
+            }
+        }
+        self.set_limits(limits)?;
+        self.oom_kills_before = self.oom_kills();
+        Ok(())
+    }
 
-impl PodCgroup {
     /// Moves process `pid` in. Blocking.
     pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
         for dir in &self.dirs {

@@ -15,8 +15,9 @@ use brink_proto::sandbox::{
 use tokio::sync::{oneshot, watch};
 
 use super::bodies::{self, ChunkSender};
-use super::cgroup::{CgroupLimits, Cgroups, PodCgroup};
+use super::cgroup::{CgroupError, CgroupLimits, Cgroups, PodCgroup};
 use super::link::{LinkError, LinkSender, spawn_link};
+use super::spares::{Spare, Spares};
 use super::spawn::{ProcessEnd, SandboxProcess, signal_name, spawn};
 use crate::idranges::IdRange;
 use crate::logs::Stream;
@@ -41,6 +42,8 @@ pub struct SandboxPlan {
     pub mode: SandboxMode,
     /// The cgroup the sandbox runs in, where the node has cgroups.
     pub cgroup: Option<CgroupPlan>,
+    /// Where to take a process started ahead of need, if the node keeps spares.
+    pub spares: Option<Arc<Spares>>,
 }
 
 /// Which cgroup a sandbox gets, and its limits.
@@ -164,37 +167,58 @@ impl Sandbox {
         tokio::fs::create_dir_all(&plan.root)
             .await
             .map_err(|e| SandboxError::Start(format!("create {}: {e}", plan.root.display())))?;
-        let process = spawn().await.map_err(SandboxError::Spawn)?;
-        // Into its cgroup before it is told to build anything: everything the sandbox
-        // allocates from here on is charged there.
-        let cgroup = match &plan.cgroup {
-            None => None,
-            Some(cg) => {
-                let (cg, pid) = (cg.clone(), process.pid);
-                let made = tokio::task::spawn_blocking(move || {
-                    let made = cg.cgroups.create(&cg.name, &cg.limits)?;
-                    if let Err(e) = made.add(pid) {
-                        made.remove();
-                        return Err(e);
-                    }
-                    Ok(made)
-                })
-                .await;
-                match made {
-                    Ok(Ok(made)) => Some(Arc::new(made)),
-                    Ok(Err(e)) => {
-                        process.kill();
-                        let _ = process.wait().await;
-                        return Err(SandboxError::Start(format!("cgroup: {e}")));
-                    }
-                    Err(e) => {
-                        process.kill();
-                        let _ = process.wait().await;
-                        return Err(SandboxError::Start(format!("cgroup task: {e}")));
-                    }
+        // A spare skips the exec and, with cgroups, the move into one (milliseconds on a
+        // v1 host, where the kernel waits out an RCU grace period): its cgroup is only
+        // renamed and given the pod's limits.
+        let spare = plan.spares.as_ref().and_then(|s| s.take());
+        let (process, spare_cgroup) = match spare {
+            Some(Spare { process, cgroup }) if cgroup.is_some() == plan.cgroup.is_some() => {
+                (process, cgroup)
+            }
+            other => {
+                if let Some(unfit) = other {
+                    unfit.process.kill();
                 }
+                (spawn().await.map_err(SandboxError::Spawn)?, None)
             }
         };
+        // Without a spare, the move into the cgroup runs while the sandbox execs and
+        // builds its jail. Either way it is finished before the ID maps are written, which
+        // the sandbox waits for before it runs anything of the pod's.
+        let mut cgroup = match (&plan.cgroup, spare_cgroup) {
+            (None, _) => CgroupState::None,
+            (Some(cg), Some(mut spare)) => {
+                let cg = cg.clone();
+                CgroupState::Pending(tokio::task::spawn_blocking(move || {
+                    match spare.adopt(&cg.name, &cg.limits) {
+                        Ok(()) => Ok(spare),
+                        Err(e) => Err((e, Some(Box::new(spare)))),
+                    }
+                }))
+            }
+            (Some(cg), None) => {
+                let (cg, pid) = (cg.clone(), process.pid);
+                CgroupState::Pending(tokio::task::spawn_blocking(move || {
+                    let made = cg
+                        .cgroups
+                        .create(&cg.name, &cg.limits)
+                        .map_err(|e| (e, None))?;
+                    if let Err(e) = made.add(pid) {
+                        made.remove();
+                        return Err((e, None));
+                    }
+                    Ok(made)
+                }))
+            }
+        };
+        if plan.ids.is_none()
+            && let Err(e) = cgroup.ready().await
+        {
+            // No user namespace, so no later hand-shake to wait at: wait here.
+            process.kill();
+            let _ = process.wait().await;
+            return Err(SandboxError::Start(e));
+        }
         let socket = process.socket.try_clone().map_err(SandboxError::Spawn)?;
         let process = Arc::new(process);
         let (link, messages) = match spawn_link(socket, FrameDecoder::new()) {
@@ -438,7 +462,50 @@ struct HostSide {
     /// The ID range to map once the sandbox asks.
     ids: Option<IdRange>,
     /// Its cgroup, read and removed once the process is reaped.
-    cgroup: Option<Arc<PodCgroup>>,
+    cgroup: CgroupState,
+}
+
+/// Why a cgroup could not be set up, and the one the process is in anyway, if any.
+type CgroupFailure = (CgroupError, Option<Box<PodCgroup>>);
+
+/// A sandbox's cgroup: none, being made (and the process moved in), or made.
+enum CgroupState {
+    None,
+    /// On failure, the cgroup the process is already in, if any, to remove at the end.
+    Pending(tokio::task::JoinHandle<Result<PodCgroup, CgroupFailure>>),
+    Ready(Arc<PodCgroup>),
+    Failed(String, Option<Arc<PodCgroup>>),
+}
+
+impl CgroupState {
+    /// Waits for the cgroup to be made; the error says why it could not be.
+    async fn ready(&mut self) -> Result<Option<Arc<PodCgroup>>, String> {
+        if let CgroupState::Pending(task) = self {
+            *self = match task.await {
+                Ok(Ok(made)) => CgroupState::Ready(Arc::new(made)),
+                Ok(Err((e, left))) => {
+                    CgroupState::Failed(format!("cgroup: {e}"), left.map(|b| Arc::new(*b)))
+                }
+                Err(e) => CgroupState::Failed(format!("cgroup task: {e}"), None),
+            };
+        }
+        match self {
+            CgroupState::None | CgroupState::Pending(_) => Ok(None),
+            CgroupState::Ready(cgroup) => Ok(Some(cgroup.clone())),
+            CgroupState::Failed(e, _) => Err(e.clone()),
+        }
+    }
+
+    /// The cgroup to read and remove once the process is reaped, made or not.
+    async fn leftover(&mut self) -> Option<Arc<PodCgroup>> {
+        match self.ready().await {
+            Ok(cgroup) => cgroup,
+            Err(_) => match self {
+                CgroupState::Failed(_, left) => left.clone(),
+                _ => None,
+            },
+        }
+    }
 }
 
 async fn write_id_maps(pid: i32, ids: IdRange) -> std::io::Result<()> {
@@ -460,7 +527,7 @@ async fn dispatch(
     host: HostSide,
     ended: watch::Sender<Option<Arc<SandboxEnd>>>,
 ) {
-    let HostSide { ids, cgroup } = host;
+    let HostSide { ids, mut cgroup } = host;
     let mut link_error = None;
     let mut mapped = false;
     while let Some(message) = messages.recv().await {
@@ -507,6 +574,10 @@ async fn dispatch(
                     link_error = Some("asked for ID maps it was not given".into());
                     break;
                 };
+                if let Err(e) = cgroup.ready().await {
+                    link_error = Some(e);
+                    break;
+                }
                 if let Err(e) = write_id_maps(process.pid, ids).await {
                     link_error = Some(format!("writing the ID maps: {e}"));
                     break;
@@ -539,7 +610,7 @@ async fn dispatch(
     let end = process.wait().await.ok();
     let fatal = shared.fatal.lock().ok().and_then(|f| f.clone());
     // The cgroup is read (was it an OOM kill?) and removed once the process is reaped.
-    let oom_killed = match cgroup {
+    let oom_killed = match cgroup.leftover().await {
         Some(cgroup) => tokio::task::spawn_blocking(move || {
             let oom = cgroup.oom_killed();
             cgroup.remove();

@@ -21,6 +21,7 @@ mod jail;
 pub mod link;
 mod probe;
 mod seccomp;
+pub mod spares;
 pub mod spawn;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,7 @@ use hyper::{Request, Response};
 pub use cgroup::{CgroupLimits, Cgroups};
 pub use conn::{CgroupPlan, Sandbox, SandboxEnd, SandboxError, SandboxEvents, SandboxPlan};
 pub use guest::sandbox_main;
+pub use spares::Spares;
 pub use spawn::{SANDBOX_SUBCOMMAND, user_namespaces_available};
 
 use crate::runtime::{CommandApp, ExitStatus, HttpApp, HttpBody, text_response};
