@@ -35,6 +35,15 @@ impl ProbeRun {
         self.events.last().expect("an end event")
     }
 
+    /// The number after `key=` in the probe's output.
+    fn number(&self, key: &str) -> u64 {
+        let prefix = format!("{key}=");
+        self.output()
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&prefix).and_then(|n| n.parse().ok()))
+            .unwrap_or_else(|| panic!("no {key}= in {:?}", self.output()))
+    }
+
     fn seccomp_killed(&self) -> bool {
         self.end()["seccomp_killed"] == true
     }
@@ -255,12 +264,7 @@ fn the_sandbox_has_only_loopback_and_its_own_limits() {
     }
 
     let threads = probe(dir.path(), &["--max-threads", "16"], &["threads", "100"]);
-    let started: u32 = threads
-        .output()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("started="))
-        .and_then(|n| n.parse().ok())
-        .expect("a count");
+    let started = threads.number("started");
     assert!(started < 16, "{}", threads.output());
     assert!(
         threads
@@ -274,12 +278,7 @@ fn the_sandbox_has_only_loopback_and_its_own_limits() {
         &["--max-data-bytes", &limit.to_string()],
         &["memory", &(1u64 << 30).to_string()],
     );
-    let allocated: u64 = memory
-        .output()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("allocated="))
-        .and_then(|n| n.parse().ok())
-        .expect("a size");
+    let allocated = memory.number("allocated");
     assert!(allocated < limit, "{}", memory.output());
     assert!(memory.output().contains("Cannot allocate memory"));
 }
@@ -342,12 +341,7 @@ fn a_sandbox_over_its_cgroup_memory_is_oom_killed_and_its_pids_are_capped() {
         ],
         &["threads", "100"],
     );
-    let started: u32 = threads
-        .output()
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("started="))
-        .and_then(|n| n.parse().ok())
-        .expect("a count");
+    let started = threads.number("started");
     assert!(started < 8, "{}", threads.output());
     assert_eq!(threads.end()["oom_killed"], false);
 }

@@ -179,6 +179,18 @@ impl Worker {
         });
     }
 
+    /// Shows every container waiting, with the same reason and message.
+    fn set_all_waiting(&self, reason: &str, message: &str) {
+        self.update(|r| {
+            for c in &mut r.containers {
+                c.state = ContainerState::Waiting {
+                    reason: reason.to_string(),
+                    message: Some(message.to_string()),
+                };
+            }
+        });
+    }
+
     fn grace(&self) -> Duration {
         let secs = self
             .spec(|s| s.termination_grace_period_seconds)
@@ -345,6 +357,21 @@ impl Worker {
             .collect()
     }
 
+    /// Creates or updates the pod's volume directories from `objects`, off the runtime.
+    async fn set_up_volumes(
+        &self,
+        objects: Arc<crate::source::ConfigObjects>,
+        owner: Option<u32>,
+    ) -> Result<Result<Vec<PreparedVolume>, VolumeError>, tokio::task::JoinError> {
+        let pod = self.pod();
+        let data_dir = self.ctx.settings.data_dir.clone();
+        let allowed = self.ctx.settings.allowed_host_paths.clone();
+        tokio::task::spawn_blocking(move || {
+            volumes::prepare(&data_dir, &pod, &objects, owner, &allowed)
+        })
+        .await
+    }
+
     /// Sets up the pod's volume directories, owned by `owner`. While a ConfigMap or Secret
     /// they read is missing the pod waits in ContainerCreating, as with a kubelet, and
     /// tries again when the node's objects change. On failure, returns the next state.
@@ -352,13 +379,7 @@ impl Worker {
         let mut config = self.ctx.config.subscribe();
         loop {
             let objects = config.borrow_and_update().clone();
-            let pod = self.pod();
-            let data_dir = self.ctx.settings.data_dir.clone();
-            let allowed = self.ctx.settings.allowed_host_paths.clone();
-            let prepared = tokio::task::spawn_blocking(move || {
-                volumes::prepare(&data_dir, &pod, &objects, owner, &allowed)
-            })
-            .await;
+            let prepared = self.set_up_volumes(objects, owner).await;
             let error = match prepared {
                 Ok(Ok(prepared)) => {
                     self.volumes = prepared;
@@ -371,17 +392,7 @@ impl Worker {
             match error {
                 VolumeError::Missing(message) => {
                     tracing::info!(%message, "waiting for a volume's source");
-                    let names: Vec<String> =
-                        self.spec(|s| s.containers.iter().map(|c| c.name.clone()).collect());
-                    for name in names {
-                        let message = message.clone();
-                        self.set_container(&name, |c| {
-                            c.state = ContainerState::Waiting {
-                                reason: "ContainerCreating".into(),
-                                message: Some(message),
-                            }
-                        });
-                    }
+                    self.set_all_waiting("ContainerCreating", &message);
                     tokio::select! {
                         r = config.changed() => if r.is_err() {
                             stopped(&mut self.stop).await;
@@ -409,14 +420,7 @@ impl Worker {
         }
         while config.changed().await.is_ok() {
             let objects = config.borrow_and_update().clone();
-            let pod = self.pod();
-            let data_dir = self.ctx.settings.data_dir.clone();
-            let allowed = self.ctx.settings.allowed_host_paths.clone();
-            let owner = self.volume_owner;
-            let refreshed = tokio::task::spawn_blocking(move || {
-                volumes::prepare(&data_dir, &pod, &objects, owner, &allowed)
-            })
-            .await;
+            let refreshed = self.set_up_volumes(objects, self.volume_owner).await;
             match refreshed {
                 Ok(Ok(_)) => tracing::debug!("volumes refreshed"),
                 Ok(Err(VolumeError::Missing(message))) => {
@@ -451,15 +455,8 @@ impl Worker {
     /// Refuses the pod for good, as a kubelet's admission does.
     async fn reject(&mut self, reason: &str, message: String) -> PodState {
         tracing::warn!(%reason, %message, "pod rejected");
-        self.update(|r| {
-            for c in &mut r.containers {
-                c.state = ContainerState::Waiting {
-                    reason: reason.to_string(),
-                    message: Some(message.clone()),
-                };
-            }
-            r.rejected = Some((reason.to_string(), message));
-        });
+        self.set_all_waiting(reason, &message);
+        self.update(|r| r.rejected = Some((reason.to_string(), message)));
         stopped(&mut self.stop).await;
         PodState::Stopped
     }
@@ -474,17 +471,7 @@ impl Worker {
     /// Waits out a failed start, showing the reason on every container.
     async fn start_failed(&mut self, message: String) -> PodState {
         tracing::warn!(%message, "cannot start the pod");
-        let names: Vec<String> =
-            self.spec(|s| s.containers.iter().map(|c| c.name.clone()).collect());
-        for name in names {
-            let message = message.clone();
-            self.set_container(&name, |c| {
-                c.state = ContainerState::Waiting {
-                    reason: "CreateContainerError".into(),
-                    message: Some(message),
-                }
-            });
-        }
+        self.set_all_waiting("CreateContainerError", &message);
         tokio::select! {
             () = tokio::time::sleep(self.ctx.settings.crash_loop_backoff_initial) => PodState::Pulling,
             () = stopped(&mut self.stop) => PodState::Stopped,

@@ -288,10 +288,6 @@ impl Cgroups {
         })
     }
 
-    pub fn version(&self) -> Version {
-        self.version
-    }
-
     /// What is limited, for the start-up log line.
     pub fn describe(&self) -> String {
         let mut limited = vec!["memory"];
@@ -475,11 +471,6 @@ impl PodCgroup {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
-    }
-
-    /// The memory directory (for tests and logs).
-    pub fn memory_dir(&self) -> &Path {
-        &self.memory
     }
 
     fn oom_kills(&self) -> u64 {
