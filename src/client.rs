@@ -21,17 +21,35 @@ pub enum Output {
     Yaml,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Resource {
     #[value(alias = "pod", alias = "po")]
     Pods,
+    #[value(alias = "gatewayclass", alias = "gc")]
+    Gatewayclasses,
+    #[value(alias = "gateway", alias = "gtw")]
+    Gateways,
+    #[value(alias = "httproute")]
+    Httproutes,
+}
+
+impl Resource {
+    /// The plural in the API path, and the kind of one item.
+    fn gateway_api(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Resource::Pods => None,
+            Resource::Gatewayclasses => Some(("gatewayclasses", "GatewayClass")),
+            Resource::Gateways => Some(("gateways", "Gateway")),
+            Resource::Httproutes => Some(("httproutes", "HTTPRoute")),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
     /// What to list.
     resource: Resource,
-    /// Only this pod.
+    /// Only this object.
     name: Option<String>,
     /// The node's kubelet endpoint.
     #[arg(long, default_value = "127.0.0.1:10250", env = "BRINK_NODE")]
@@ -122,7 +140,9 @@ async fn fetch_pods(node: SocketAddr) -> anyhow::Result<Vec<Pod>> {
 }
 
 pub async fn get(args: GetArgs) -> anyhow::Result<()> {
-    let Resource::Pods = args.resource;
+    if let Some((plural, kind)) = args.resource.gateway_api() {
+        return get_gateway_objects(args, plural, kind).await;
+    }
     let mut pods: Vec<Pod> = fetch_pods(args.node)
         .await?
         .into_iter()
@@ -153,6 +173,81 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
             }
             let wide = matches!(wide, Some(Output::Wide));
             write!(out, "{}", table::pods(&pods, wide, args.all_namespaces))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gateway API objects with the status the node's data plane computed.
+async fn get_gateway_objects(args: GetArgs, plural: &str, kind: &str) -> anyhow::Result<()> {
+    let body = fetch(
+        args.node,
+        &format!("/apis/gateway.networking.k8s.io/v1/{plural}"),
+    )
+    .await?
+    .into_body()
+    .collect()
+    .await?
+    .to_bytes();
+    let list: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("the node sent an invalid {kind}List"))?;
+    let cluster_scoped = args.resource == Resource::Gatewayclasses;
+    let mut items: Vec<serde_json::Value> = list
+        .get("items")
+        .and_then(|i| i.as_array())
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| {
+            cluster_scoped
+                || args.all_namespaces
+                || o.pointer("/metadata/namespace").and_then(|n| n.as_str())
+                    == Some(&args.namespace)
+        })
+        .filter(|o| {
+            args.name.is_none()
+                || o.pointer("/metadata/name").and_then(|n| n.as_str()) == args.name.as_deref()
+        })
+        .collect();
+    if let Some(name) = &args.name
+        && items.is_empty()
+    {
+        if cluster_scoped {
+            anyhow::bail!("{plural} {name:?} not found");
+        }
+        anyhow::bail!(
+            "{plural} {name:?} not found in namespace {}",
+            args.namespace
+        );
+    }
+    let value = if args.name.is_some() && items.len() == 1 {
+        items.remove(0)
+    } else {
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": items})
+    };
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        Some(Output::Json) => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
+        Some(Output::Yaml) => write!(out, "{}", serde_yaml::to_string(&value)?)?,
+        _ => {
+            let items = match value.get("items").and_then(|i| i.as_array()) {
+                Some(items) => items.clone(),
+                None => vec![value],
+            };
+            if items.is_empty() {
+                if cluster_scoped {
+                    eprintln!("No resources found");
+                } else {
+                    eprintln!("No resources found in {} namespace.", args.namespace);
+                }
+                return Ok(());
+            }
+            let with_namespace = args.all_namespaces && !cluster_scoped;
+            write!(
+                out,
+                "{}",
+                table::gateway_objects(args.resource, &items, with_namespace)
+            )?;
         }
     }
     Ok(())

@@ -99,6 +99,15 @@ pub struct NodeFlags {
     /// the move into a cgroup (0: none).
     #[arg(long, default_value_t = 2)]
     sandbox_spares: usize,
+    /// The address Gateway listeners open on.
+    #[arg(long, default_value = "0.0.0.0")]
+    gateway_address: IpAddr,
+    /// GatewayClasses with this controllerName are served by this node.
+    #[arg(long, default_value = brink_node::gateway::DEFAULT_CONTROLLER_NAME)]
+    gateway_controller_name: String,
+    /// How long a gateway port that closes gives its open connections to finish.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    gateway_drain: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -196,6 +205,13 @@ impl NodeFlags {
         s.cgroups = self.cgroups == CgroupsArg::Auto;
         s.sandbox_cgroup_memory_overhead = self.sandbox_cgroup_memory_overhead;
         s.sandbox_spares = self.sandbox_spares;
+        anyhow::ensure!(
+            !self.gateway_controller_name.is_empty() && self.gateway_controller_name.contains('/'),
+            "--gateway-controller-name must look like a domain-prefixed path (example.com/name)"
+        );
+        s.gateway_controller_name = self.gateway_controller_name.clone();
+        s.gateway_address = self.gateway_address;
+        s.gateway_drain = self.gateway_drain;
         Ok(s)
     }
 }
@@ -211,7 +227,7 @@ pub struct NodeArgs {
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Port the example hello app is served on.
+    /// Port of the Gateway listener the example hello app is served through.
     #[arg(long, default_value_t = 8080)]
     port: u16,
     #[command(flatten)]
@@ -255,6 +271,16 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
     run_node(settings, args.manifests).await
 }
 
+/// The Gateway API objects `brink up` serves the hello app through.
+fn up_gateway(port: u16, controller: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello\nspec:\n  selector:\n    app: hello\n  ports:\n  - port: 80\n    targetPort: 8080\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata:\n  name: brink\nspec:\n  controllerName: {controller}\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: brink\nspec:\n  gatewayClassName: brink\n  listeners:\n  - name: http\n    port: {port}\n    protocol: HTTP\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: hello\nspec:\n  parentRefs:\n  - name: brink\n  rules:\n  - backendRefs:\n    - name: hello\n      port: 80\n"
+    )
+}
+
 /// The hello example, built by build.rs and embedded so `brink up` needs nothing else.
 const HELLO_WASM: &[u8] = include_bytes!(concat!(env!("BRINK_EXAMPLES_DIR"), "/hello.wasm"));
 
@@ -263,6 +289,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.flags.host_port_address.is_unspecified() {
         // A demo on one machine: keep it off the network unless asked.
         settings.host_port_address = IpAddr::from([127, 0, 0, 1]);
+    }
+    if args.flags.gateway_address.is_unspecified() {
+        settings.gateway_address = IpAddr::from([127, 0, 0, 1]);
     }
     let data = settings.data_dir.clone();
     let layout = data.join("examples");
@@ -276,9 +305,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     .await??;
     let manifest = format!(
         "# Written by `brink up` on every start; put your own manifests beside it.\n\
-         apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\n  labels:\n    app: hello\nspec:\n  containers:\n  - name: hello\n    image: oci:{}:hello\n    env:\n    - name: GREETING\n      value: Hello\n    - name: POD_NAME\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.name\n    ports:\n    - containerPort: 8080\n      hostPort: {}\n    readinessProbe:\n      httpGet:\n        path: /\n        port: 8080\n      periodSeconds: 5\n",
+         apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\n  labels:\n    app: hello\nspec:\n  containers:\n  - name: hello\n    image: oci:{}:hello\n    env:\n    - name: GREETING\n      value: Hello\n    - name: POD_NAME\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.name\n    ports:\n    - containerPort: 8080\n    readinessProbe:\n      httpGet:\n        path: /\n        port: 8080\n      periodSeconds: 5\n\
+         ---\n{}",
         layout.display(),
-        args.port
+        up_gateway(args.port, &settings.gateway_controller_name)
     );
     std::fs::write(manifests.join("hello.yaml"), manifest)
         .with_context(|| format!("write {}", manifests.join("hello.yaml").display()))?;
@@ -292,13 +322,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
              --isolation in-process to run the guests inside this process instead.\n"
         );
     }
-    let host = settings.host_port_address;
+    let host = settings.gateway_address;
     eprintln!(
-        "brink up: serving the hello app; try:\n\n    curl http://{host}:{}/\n",
+        "brink up: serving the hello app through the Gateway \"brink\"; try:\n\n    curl http://{host}:{}/\n",
         args.port
     );
     eprintln!(
-        "pods:     brink get pods --node {}\nmanifests: {}\nstop:     Ctrl-C\n",
+        "pods:     brink get pods --node {}\ngateways: brink get gateways --node {0}; brink get httproutes --node {0}\nmanifests: {}\nstop:     Ctrl-C\n",
         settings.kubelet_addr,
         manifests.display()
     );

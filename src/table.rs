@@ -59,6 +59,82 @@ pub fn age(since: Option<Timestamp>) -> String {
     }
 }
 
+/// The True/False/Unknown of a condition in `conditions` (a JSON array), as kubectl's
+/// printer columns show it.
+fn condition_status(conditions: Option<&serde_json::Value>, type_: &str) -> String {
+    conditions
+        .and_then(|c| c.as_array())
+        .and_then(|c| {
+            c.iter()
+                .find(|c| c.get("type").and_then(|t| t.as_str()) == Some(type_))
+        })
+        .and_then(|c| c.get("status").and_then(|s| s.as_str()))
+        .unwrap_or("Unknown")
+        .to_string()
+}
+
+/// Gateway API objects with the printer columns of their CRDs.
+pub fn gateway_objects(
+    resource: crate::client::Resource,
+    items: &[serde_json::Value],
+    with_namespace: bool,
+) -> String {
+    use crate::client::Resource;
+    let text = |v: &serde_json::Value, pointer: &str| {
+        v.pointer(pointer)
+            .and_then(|s| s.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let created = |v: &serde_json::Value| {
+        v.pointer("/metadata/creationTimestamp")
+            .and_then(|t| t.as_str())
+            .and_then(|t| t.parse::<Timestamp>().ok())
+    };
+    let mut header: Vec<&str> = match resource {
+        Resource::Gatewayclasses => vec!["NAME", "CONTROLLER", "ACCEPTED", "AGE"],
+        Resource::Gateways => vec!["NAME", "CLASS", "ADDRESS", "PROGRAMMED", "AGE"],
+        _ => vec!["NAME", "HOSTNAMES", "AGE"],
+    };
+    if with_namespace {
+        header.insert(0, "NAMESPACE");
+    }
+    let mut rows = vec![header.iter().map(|s| s.to_string()).collect::<Vec<_>>()];
+    for item in items {
+        let mut row = match resource {
+            Resource::Gatewayclasses => vec![
+                text(item, "/metadata/name"),
+                text(item, "/spec/controllerName"),
+                condition_status(item.pointer("/status/conditions"), "Accepted"),
+                age(created(item)),
+            ],
+            Resource::Gateways => vec![
+                text(item, "/metadata/name"),
+                text(item, "/spec/gatewayClassName"),
+                text(item, "/status/addresses/0/value"),
+                condition_status(item.pointer("/status/conditions"), "Programmed"),
+                age(created(item)),
+            ],
+            _ => vec![
+                text(item, "/metadata/name"),
+                item.pointer("/spec/hostnames")
+                    .and_then(|h| h.as_array())
+                    .map(|h| {
+                        let names: Vec<&str> = h.iter().filter_map(|n| n.as_str()).collect();
+                        format!("[{}]", names.join(","))
+                    })
+                    .unwrap_or_default(),
+                age(created(item)),
+            ],
+        };
+        if with_namespace {
+            row.insert(0, text(item, "/metadata/namespace"));
+        }
+        rows.push(row);
+    }
+    render(rows)
+}
+
 /// The pod table, kubectl's columns.
 pub fn pods(pods: &[Pod], wide: bool, with_namespace: bool) -> String {
     let mut rows = Vec::new();
@@ -103,6 +179,11 @@ pub fn pods(pods: &[Pod], wide: bool, with_namespace: bool) -> String {
         }
         rows.push(row);
     }
+    render(rows)
+}
+
+/// Rows as kubectl aligns them: columns padded, three spaces apart.
+fn render(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();

@@ -53,6 +53,9 @@ pub struct NodeContext {
     pub cgroups: Option<Arc<crate::sandbox::Cgroups>>,
     /// Sandbox processes started ahead of need (None: every start from scratch).
     pub spares: Option<Arc<crate::sandbox::Spares>>,
+    /// The Gateway API data plane; workers register their service containers in its
+    /// endpoints.
+    pub gateway: Arc<crate::gateway::DataPlane>,
 }
 
 impl NodeContext {
@@ -145,6 +148,20 @@ impl Agent {
                     settings.sandbox_spares,
                 )
             });
+        let advertise_address = match settings.gateway_address {
+            ip if ip.is_unspecified() && !settings.host_port_address.is_unspecified() => {
+                settings.host_port_address
+            }
+            ip if ip.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            ip => ip,
+        };
+        let gateway = crate::gateway::DataPlane::new(crate::gateway::GatewaySettings {
+            controller_name: settings.gateway_controller_name.clone(),
+            bind_address: settings.gateway_address,
+            advertise_address,
+            drain: settings.gateway_drain,
+            state_dir: settings.data_dir.join("gateway"),
+        });
         Ok(Arc::new(Self {
             ctx: Arc::new(NodeContext {
                 settings,
@@ -157,6 +174,7 @@ impl Agent {
                 config: tokio::sync::watch::Sender::new(Arc::default()),
                 cgroups,
                 spares,
+                gateway,
             }),
             pods: RwLock::new(HashMap::new()),
             source_errors: RwLock::new(Vec::new()),
@@ -206,6 +224,13 @@ impl Agent {
             .map_err(|source| AgentError::Bind { addr, source })?;
         let server = tokio::spawn(crate::kubelet::serve(listener, self.clone()));
         let spares = self.ctx.spares.clone().map(|s| tokio::spawn(s.run()));
+        let (gateway_stop, gateway_stopped) = tokio::sync::oneshot::channel::<()>();
+        let gateway = tokio::spawn(self.ctx.gateway.clone().run(
+            self.ctx.config.subscribe(),
+            async move {
+                let _ = gateway_stopped.await;
+            },
+        ));
         tracing::info!(node = %self.ctx.settings.node_name, %addr, "node agent ready");
         tokio::pin!(shutdown);
         loop {
@@ -218,6 +243,9 @@ impl Agent {
             }
         }
         tracing::info!("stopping every pod");
+        // Gateway ports close first, as a kubelet's endpoints go before its pods.
+        let _ = gateway_stop.send(());
+        let _ = gateway.await;
         let handles: Vec<_> = self
             .pods
             .write()
@@ -246,6 +274,7 @@ impl Agent {
         // Objects first, so pods started below see the ConfigMaps and Secrets that came
         // with them.
         let config = desired.config;
+        self.ctx.gateway.set_objects(desired.gateway);
         self.ctx.config.send_if_modified(|current| {
             if **current == config {
                 return false;

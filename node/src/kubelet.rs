@@ -1,6 +1,9 @@
 //! The kubelet-style endpoint: `/healthz`, `/pods` (a `v1/PodList` with live statuses),
 //! `/containerLogs/{namespace}/{pod}/{container}` (`tailLines`, `timestamps`, `follow`),
-//! `/metrics` (Prometheus text) and `/debug/manifests` (what the pod source refused).
+//! `/metrics` (Prometheus text), `/debug/manifests` (what the pod source refused) and the
+//! Gateway API objects with the status the data plane computed
+//! (`/apis/gateway.networking.k8s.io/v1/{gatewayclasses,gateways,httproutes}`, as lists
+//! the API server would return).
 
 use std::sync::Arc;
 
@@ -26,6 +29,10 @@ pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
         )
         .route("/metrics", get(metrics))
         .route("/debug/manifests", get(manifest_errors))
+        .route(
+            "/apis/gateway.networking.k8s.io/v1/{kind}",
+            get(gateway_objects),
+        )
         .with_state(agent);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "kubelet endpoint failed");
@@ -51,6 +58,40 @@ async fn pods(State(agent): State<Arc<Agent>>) -> Response {
     let items: Vec<_> = agent.pods().iter().map(|r| r.to_pod()).collect();
     let list =
         serde_json::json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items});
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        list.to_string(),
+    )
+        .into_response()
+}
+
+async fn gateway_objects(State(agent): State<Arc<Agent>>, Path(kind): Path<String>) -> Response {
+    let view = agent.ctx.gateway.view();
+    let (item_kind, items) = match kind.as_str() {
+        "gatewayclasses" => ("GatewayClass", serde_json::to_value(&view.classes)),
+        "gateways" => ("Gateway", serde_json::to_value(&view.gateways)),
+        "httproutes" => ("HTTPRoute", serde_json::to_value(&view.routes)),
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("the server could not find the requested resource {other:?}"),
+            );
+        }
+    };
+    let mut items = match items {
+        Ok(items) => items,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    for item in items.as_array_mut().into_iter().flatten() {
+        if let Some(map) = item.as_object_mut() {
+            map.insert("apiVersion".into(), "gateway.networking.k8s.io/v1".into());
+            map.insert("kind".into(), item_kind.into());
+        }
+    }
+    let list = serde_json::json!({
+        "kind": format!("{item_kind}List"), "apiVersion": "gateway.networking.k8s.io/v1", "metadata": {},
+        "items": items,
+    });
     (
         [(header::CONTENT_TYPE, "application/json")],
         list.to_string(),

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cache;
 pub mod fnv;
+pub mod gateway;
 pub mod hostport;
 pub mod idranges;
 pub mod images;

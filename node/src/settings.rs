@@ -86,6 +86,13 @@ pub struct NodeSettings {
     /// Sandbox processes kept started ahead of need (exec'd, in a cgroup), so a pod's
     /// start skips both; 0 starts every sandbox from scratch.
     pub sandbox_spares: usize,
+    /// GatewayClasses with this `controllerName` are served by this node's data plane.
+    pub gateway_controller_name: String,
+    /// The address Gateway listeners are opened on.
+    pub gateway_address: IpAddr,
+    /// How long a gateway port that closes (its Gateway changed or went) gives open
+    /// connections to finish.
+    pub gateway_drain: Duration,
 }
 
 impl NodeSettings {
@@ -123,6 +130,9 @@ impl NodeSettings {
             cgroups: true,
             sandbox_cgroup_memory_overhead: 64 << 20,
             sandbox_spares: 2,
+            gateway_controller_name: crate::gateway::DEFAULT_CONTROLLER_NAME.into(),
+            gateway_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            gateway_drain: Duration::from_secs(10),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Where a node's pods come from. A [`PodSource`] yields the complete desired set of pods
-//! (and the ConfigMaps and Secrets their volumes read) each time it changes, like a kubelet
+//! (and the ConfigMaps and Secrets their volumes read, and the Gateway API objects its
+//! data plane serves) each time it changes, like a kubelet
 //! config source's SET operation; the agent reconciles against it. [`ManifestDir`] reads
 //! manifests from a directory; a later source watches the Kubernetes API instead.
 
@@ -17,6 +18,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 pub struct DesiredPods {
     pub pods: Vec<PodManifest>,
     pub config: ConfigObjects,
+    /// Gateway API objects and the Services and Namespaces they refer to.
+    pub gateway: crate::gateway::GatewayObjects,
     /// One line per source that failed (file, document, field, message).
     pub errors: Vec<String>,
 }
@@ -189,6 +192,24 @@ impl ManifestDir {
                     }
                     Object::Secret(s) => {
                         desired.config.secrets.insert(key, s.clone());
+                    }
+                    Object::Service(s) => {
+                        desired.gateway.services.insert(key, (**s).clone());
+                    }
+                    Object::Namespace(n) => {
+                        desired.gateway.namespaces.insert(key, n.clone());
+                    }
+                    Object::GatewayClass(c) => {
+                        desired.gateway.classes.insert(key, (**c).clone());
+                    }
+                    Object::Gateway(g) => {
+                        desired.gateway.gateways.insert(key, (**g).clone());
+                    }
+                    Object::HttpRoute(r) => {
+                        desired.gateway.routes.insert(key, (**r).clone());
+                    }
+                    Object::ReferenceGrant(g) => {
+                        desired.gateway.grants.insert(key, (**g).clone());
                     }
                 }
             }

@@ -1,12 +1,13 @@
 //! `brink-proto`: what Brink accepts and what Brink processes say to each other.
 //!
-//! This crate owns the validation of the resource types Brink runs (today: `v1` Pods,
-//! ConfigMaps and Secrets from manifests, see [`manifest`], with pod volumes in
-//! [`volumes`]) and, as they land, the wire formats between Brink processes.
+//! This crate owns the validation of the resource types Brink runs (`v1` Pods, ConfigMaps,
+//! Secrets, Services and Namespaces from manifests, see [`manifest`], with pod volumes in
+//! [`volumes`], and the Gateway API kinds in [`gateway`]) and, as they land, the wire formats between Brink processes.
 //! It does no I/O: callers hand it bytes and get typed values or a typed error that names
 //! the file, the document and the field at fault.
 
 pub mod config;
+pub mod gateway;
 pub mod manifest;
 pub mod outbound;
 pub mod quantity;

@@ -1,5 +1,6 @@
 //! Manifests: YAML or JSON text, several documents per file, into validated `v1` Pods,
-//! ConfigMaps and Secrets.
+//! ConfigMaps, Secrets, Services and Namespaces, and Gateway API GatewayClasses,
+//! Gateways, HTTPRoutes and ReferenceGrants.
 //!
 //! Parsing is strict the way `kubectl apply` is with server-side field validation: a YAML
 //! syntax error, a field of the wrong type, a field Kubernetes does not know, or a value
@@ -10,7 +11,12 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Probe, Secret};
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::Gateway;
+use gateway_api::httproutes::HttpRoute;
+use gateway_api::referencegrants::ReferenceGrant;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, Probe, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use thiserror::Error;
@@ -71,6 +77,12 @@ pub enum Object {
     Pod(Box<PodManifest>),
     ConfigMap(ConfigMap),
     Secret(Secret),
+    Service(Box<Service>),
+    Namespace(Namespace),
+    GatewayClass(Box<GatewayClass>),
+    Gateway(Box<Gateway>),
+    HttpRoute(Box<crate::gateway::RouteManifest>),
+    ReferenceGrant(Box<ReferenceGrant>),
 }
 
 impl Object {
@@ -80,15 +92,28 @@ impl Object {
             Object::Pod(_) => "Pod",
             Object::ConfigMap(_) => "ConfigMap",
             Object::Secret(_) => "Secret",
+            Object::Service(_) => "Service",
+            Object::Namespace(_) => "Namespace",
+            Object::GatewayClass(_) => "GatewayClass",
+            Object::Gateway(_) => "Gateway",
+            Object::HttpRoute(_) => "HTTPRoute",
+            Object::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
 
-    /// `namespace/name`, unique among objects of one kind.
+    /// `namespace/name` (just `name` for cluster-scoped kinds), unique among objects of
+    /// one kind.
     pub fn key(&self) -> String {
         match self {
             Object::Pod(p) => p.key(),
             Object::ConfigMap(c) => object_key(&c.metadata),
             Object::Secret(s) => object_key(&s.metadata),
+            Object::Service(s) => object_key(&s.metadata),
+            Object::Namespace(n) => n.metadata.name.clone().unwrap_or_default(),
+            Object::GatewayClass(c) => c.metadata.name.clone().unwrap_or_default(),
+            Object::Gateway(g) => object_key(&g.metadata),
+            Object::HttpRoute(r) => object_key(&r.route.metadata),
+            Object::ReferenceGrant(g) => object_key(&g.metadata),
         }
     }
 }
@@ -155,8 +180,43 @@ pub fn parse_manifests(source_name: &str, text: &str) -> Result<Vec<Object>, Man
     Ok(objects)
 }
 
-/// The kinds Brink reads, and the apiVersion each must carry.
-const KINDS: [(&str, &str); 3] = [("Pod", "v1"), ("ConfigMap", "v1"), ("Secret", "v1")];
+/// The kinds Brink reads, and the apiVersions each may carry (the first is the one to
+/// write).
+const KINDS: [(&str, &[&str]); 9] = [
+    ("Pod", &["v1"]),
+    ("ConfigMap", &["v1"]),
+    ("Secret", &["v1"]),
+    ("Service", &["v1"]),
+    ("Namespace", &["v1"]),
+    (
+        "GatewayClass",
+        &[
+            "gateway.networking.k8s.io/v1",
+            "gateway.networking.k8s.io/v1beta1",
+        ],
+    ),
+    (
+        "Gateway",
+        &[
+            "gateway.networking.k8s.io/v1",
+            "gateway.networking.k8s.io/v1beta1",
+        ],
+    ),
+    (
+        "HTTPRoute",
+        &[
+            "gateway.networking.k8s.io/v1",
+            "gateway.networking.k8s.io/v1beta1",
+        ],
+    ),
+    (
+        "ReferenceGrant",
+        &[
+            "gateway.networking.k8s.io/v1beta1",
+            "gateway.networking.k8s.io/v1",
+        ],
+    ),
+];
 
 fn parse_object(value: serde_yaml::Value, document: usize) -> Result<Object, FieldError> {
     let serde_yaml::Value::Mapping(map) = &value else {
@@ -179,10 +239,13 @@ fn parse_object(value: serde_yaml::Value, document: usize) -> Result<Object, Fie
             ),
         ));
     };
-    if api_version != *expected {
+    if !expected.contains(&api_version.as_str()) {
         return Err(field_err(
             "apiVersion",
-            format!("a {kind} has apiVersion {expected:?}, not {api_version:?}"),
+            format!(
+                "a {kind} has apiVersion {:?}, not {api_version:?}",
+                expected[0]
+            ),
         ));
     }
     match kind.as_str() {
@@ -196,6 +259,52 @@ fn parse_object(value: serde_yaml::Value, document: usize) -> Result<Object, Fie
             crate::config::validate_secret(&mut secret)?;
             Ok(Object::Secret(secret))
         }
+        "Service" => {
+            let mut service: Service = strict(value)?;
+            crate::gateway::validate_service(&mut service)?;
+            Ok(Object::Service(Box::new(service)))
+        }
+        "Namespace" => {
+            let mut namespace: Namespace = strict(value)?;
+            crate::gateway::validate_namespace(&mut namespace)?;
+            Ok(Object::Namespace(namespace))
+        }
+        "GatewayClass" => {
+            let mut class: GatewayClass = strict(without_type_fields(value))?;
+            crate::gateway::validate_gateway_class(&mut class)?;
+            Ok(Object::GatewayClass(Box::new(class)))
+        }
+        "Gateway" => {
+            let mut gateway: Gateway = strict(without_type_fields(value))?;
+            crate::gateway::validate_gateway(&mut gateway)?;
+            Ok(Object::Gateway(Box::new(gateway)))
+        }
+        "ReferenceGrant" => {
+            let mut grant: ReferenceGrant = strict(without_type_fields(value))?;
+            crate::gateway::validate_reference_grant(&mut grant)?;
+            Ok(Object::ReferenceGrant(Box::new(grant)))
+        }
+        "HTTPRoute" => {
+            let value = without_type_fields(value);
+            let metadata = value
+                .get("metadata")
+                .cloned()
+                .ok_or_else(|| field_err("metadata", "required"))
+                .and_then(|m| {
+                    strict::<ObjectMeta>(m).map_err(|e| FieldError {
+                        field: format!("metadata.{}", e.field),
+                        ..e
+                    })
+                });
+            let parent_refs = value
+                .get("spec")
+                .and_then(|s| s.get("parentRefs"))
+                .cloned()
+                .and_then(|refs| serde_yaml::from_value(refs).ok());
+            let parsed = strict::<HttpRoute>(value);
+            let route = crate::gateway::route_from_parse(parsed, metadata, parent_refs)?;
+            Ok(Object::HttpRoute(Box::new(route)))
+        }
         _ => {
             let mut value = value;
             yaml11_octal_modes(&mut value);
@@ -204,6 +313,16 @@ fn parse_object(value: serde_yaml::Value, document: usize) -> Result<Object, Fie
             Ok(Object::Pod(Box::new(PodManifest { pod, document })))
         }
     }
+}
+
+/// The generated Gateway API types carry no type fields (they are checked above, and
+/// v1beta1 has the same schema as v1).
+fn without_type_fields(mut value: serde_yaml::Value) -> serde_yaml::Value {
+    if let Some(map) = value.as_mapping_mut() {
+        map.remove("apiVersion");
+        map.remove("kind");
+    }
+    value
 }
 
 /// File modes in volume sources (`defaultMode: 0400`) are octal in the YAML 1.1 that

@@ -162,12 +162,21 @@ impl Worker {
     }
 
     fn update(&self, f: impl FnOnce(&mut PodRecord)) {
-        if let Ok(mut record) = self.record.write() {
-            let was_ready = record.all_ready();
-            f(&mut record);
-            if record.all_ready() != was_ready {
-                record.ready_since = Timestamp::now();
+        let readiness_changed = match self.record.write() {
+            Ok(mut record) => {
+                let was_ready = record.all_ready();
+                f(&mut record);
+                let ready = record.all_ready();
+                if ready != was_ready {
+                    record.ready_since = Timestamp::now();
+                }
+                (ready != was_ready).then_some(ready)
             }
+            Err(_) => None,
+        };
+        // The gateway sends traffic only to ready pods, as EndpointSlices would.
+        if let Some(ready) = readiness_changed {
+            self.ctx.gateway.endpoints.set_ready(&self.key, ready);
         }
     }
 
@@ -741,12 +750,16 @@ impl Worker {
     }
 
     async fn supervise(&mut self, apps: Vec<(Container, App)>) -> PodState {
+        let services = apps
+            .iter()
+            .filter(|(_, app)| matches!(app, App::Http(_)))
+            .count();
         let supervisors = apps.into_iter().map(|(container, app)| {
             let stop = self.stop.clone();
             let this = &*self;
             async move {
                 match app {
-                    App::Http(app) => this.supervise_http(container, app, stop).await,
+                    App::Http(app) => this.supervise_http(container, app, services, stop).await,
                     App::Command(app) => this.supervise_command(container, app, stop).await,
                 }
             }
@@ -860,6 +873,7 @@ impl Worker {
         &self,
         container: Container,
         app: Service,
+        services: usize,
         mut stop: watch::Receiver<bool>,
     ) {
         let name = container.name.clone();
@@ -911,6 +925,16 @@ impl Worker {
             c.ready = readiness.is_none();
         });
         tracing::info!(container = %name, "service container running");
+        let ready = self.record.read().is_ok_and(|r| r.all_ready());
+        self.ctx.gateway.endpoints.register(
+            &self.key,
+            &self.pod(),
+            &name,
+            container.ports.clone().unwrap_or_default(),
+            services,
+            app.clone(),
+            ready,
+        );
 
         let mut readiness = readiness.map(ProbeLoop::new);
         let mut liveness = container.liveness_probe.clone().map(ProbeLoop::new);
@@ -963,7 +987,9 @@ impl Worker {
                 probe.reset();
             }
         }
-        // Graceful stop: close the listeners, let requests in flight finish.
+        // Graceful stop: out of the gateway's endpoints first, then close the listeners
+        // and let requests in flight finish.
+        self.ctx.gateway.endpoints.unregister(&self.key, &name);
         self.set_container(&name, |c| c.ready = false);
         let grace = self.grace();
         let deadline = Instant::now() + grace;

@@ -1,0 +1,300 @@
+//! The Gateway API data plane of a node: Gateways' listeners served on this node, with
+//! HTTPRoutes matched by the spec's precedence and sent to the ready pods of the
+//! Services they name.
+//!
+//! Owns: the objects' stamps ([`objects`]), compiling objects into route tables and status
+//! ([`compile`], [`table`]), the listener ports ([`listeners`]), the request path
+//! ([`proxy`]) and the local endpoints ([`endpoints`]). It must not touch pods: workers
+//! register their service containers in [`Endpoints`], and the data plane only reads them.
+//!
+//! Every change (objects, Secrets, endpoints) builds a new table that is swapped in whole;
+//! requests in flight finish on the table they started with.
+
+pub mod compile;
+pub mod endpoints;
+pub mod listeners;
+pub mod objects;
+pub mod proxy;
+pub mod table;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::Gateway;
+use gateway_api::httproutes::HttpRoute;
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::watch;
+
+pub use endpoints::Endpoints;
+pub use objects::GatewayObjects;
+
+use crate::source::ConfigObjects;
+
+/// The `controllerName` Brink's GatewayClasses carry unless configured otherwise.
+pub const DEFAULT_CONTROLLER_NAME: &str = "brink.dev/gateway-controller";
+
+/// The data plane's settings.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// GatewayClasses with this `controllerName` are this node's.
+    pub controller_name: String,
+    /// The address gateway ports are opened on.
+    pub bind_address: IpAddr,
+    /// The address written into Gateways' `status.addresses`.
+    pub advertise_address: IpAddr,
+    /// How long a closing port gives its connections to finish.
+    pub drain: Duration,
+    /// Where object ages and generations are kept.
+    pub state_dir: PathBuf,
+}
+
+/// Objects as `brink get` shows them: spec and metadata as given, status as computed.
+#[derive(Debug, Clone, Default)]
+pub struct StatusView {
+    pub classes: Vec<GatewayClass>,
+    pub gateways: Vec<Gateway>,
+    pub routes: Vec<HttpRoute>,
+}
+
+/// The node's gateway data plane.
+pub struct DataPlane {
+    settings: GatewaySettings,
+    shared: Arc<listeners::Shared>,
+    pub endpoints: Arc<Endpoints>,
+    objects: watch::Sender<Arc<GatewayObjects>>,
+    view: RwLock<Arc<StatusView>>,
+    /// Bumped after every rebuild (tests and `brink` wait on it).
+    generation: watch::Sender<u64>,
+}
+
+impl DataPlane {
+    pub fn new(settings: GatewaySettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            shared: Arc::new(listeners::Shared {
+                table: ArcSwap::from_pointee(table::RouteTable::default()),
+                backends: ArcSwap::from_pointee(endpoints::BackendMap::new()),
+            }),
+            endpoints: Arc::new(Endpoints::default()),
+            objects: watch::Sender::new(Arc::default()),
+            view: RwLock::new(Arc::default()),
+            generation: watch::Sender::new(0),
+        })
+    }
+
+    /// The source's latest objects.
+    pub fn set_objects(&self, objects: GatewayObjects) {
+        self.objects.send_if_modified(|current| {
+            if **current == objects {
+                return false;
+            }
+            *current = Arc::new(objects);
+            true
+        });
+    }
+
+    /// The objects with their status.
+    pub fn view(&self) -> Arc<StatusView> {
+        self.view.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Runs until `shutdown` resolves, rebuilding on every change; then closes the ports.
+    pub async fn run(
+        self: Arc<Self>,
+        mut config: watch::Receiver<Arc<ConfigObjects>>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let mut objects_rx = self.objects.subscribe();
+        let mut endpoints_rx = self.endpoints.subscribe();
+        let mut ports = listeners::Listeners::new(
+            self.settings.bind_address,
+            self.settings.drain,
+            self.shared.clone(),
+        );
+        let mut stamps = match objects::Stamps::open(&self.settings.state_dir) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "gateway object ages cannot be kept; routes order by name only");
+                None
+            }
+        };
+        let mut previous = StatusView::default();
+        let mut services = BTreeMap::new();
+        tokio::pin!(shutdown);
+        let mut objects_changed = true;
+        loop {
+            if objects_changed {
+                let mut objects = GatewayObjects::clone(&objects_rx.borrow_and_update());
+                let secrets = config.borrow_and_update().secrets.clone();
+                // Stamping writes a file: off the async threads.
+                let (back, stamped) = tokio::task::spawn_blocking(move || {
+                    let result = stamps.as_mut().map(|s| s.stamp(&mut objects));
+                    (stamps, (objects, result))
+                })
+                .await
+                .unwrap_or_else(|_| (None, (GatewayObjects::default(), None)));
+                stamps = back;
+                let (objects, result) = stamped;
+                if let Some(Err(e)) = result {
+                    tracing::warn!(error = %e, "cannot record gateway object ages");
+                }
+                let settings = self.settings.clone();
+                let objects = Arc::new(objects);
+                let compiled = {
+                    let objects = objects.clone();
+                    tokio::task::spawn_blocking(move || {
+                        compile::compile(&compile::Inputs {
+                            objects: &objects,
+                            secrets: &secrets,
+                            controller: &settings.controller_name,
+                            address: settings.advertise_address,
+                            now: Timestamp::now(),
+                        })
+                    })
+                    .await
+                };
+                let Ok(mut compiled) = compiled else {
+                    // A bug, not input: keep serving the last good table.
+                    tracing::error!("gateway compile panicked; keeping the previous table");
+                    objects_changed = false;
+                    continue;
+                };
+                let bind_errors = ports.apply(&compiled.ports).await;
+                let now = Timestamp::now();
+                let gateway_status = compiled.finish(&bind_errors, now);
+                let ports_plan = std::mem::take(&mut compiled.ports);
+                let table = table::RouteTable {
+                    ports: ports_plan
+                        .into_iter()
+                        .map(|(p, plan)| (p, plan.table))
+                        .collect(),
+                };
+                self.shared.table.store(Arc::new(table));
+                services = objects.services.clone();
+                self.shared
+                    .backends
+                    .store(Arc::new(self.endpoints.resolve(&services)));
+                let view = build_view(&objects, &compiled, gateway_status, &previous);
+                tracing::info!(
+                    gateways = view.gateways.len(),
+                    routes = view.routes.len(),
+                    ports = self.shared.table.load().ports.len(),
+                    "gateway data plane updated"
+                );
+                previous = view.clone();
+                if let Ok(mut v) = self.view.write() {
+                    *v = Arc::new(view);
+                }
+                self.generation.send_modify(|g| *g += 1);
+            }
+            tokio::select! {
+                changed = objects_rx.changed() => {
+                    if changed.is_err() { break; }
+                    objects_changed = true;
+                }
+                changed = config.changed() => {
+                    if changed.is_err() { break; }
+                    objects_changed = true;
+                }
+                changed = endpoints_rx.changed() => {
+                    if changed.is_err() { break; }
+                    endpoints_rx.borrow_and_update();
+                    self.shared.backends.store(Arc::new(self.endpoints.resolve(&services)));
+                    objects_changed = false;
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        ports.close_all().await;
+    }
+}
+
+/// The objects with their new status, `lastTransitionTime`s carried from `previous`.
+fn build_view(
+    objects: &GatewayObjects,
+    compiled: &compile::Compiled,
+    gateway_status: BTreeMap<String, gateway_api::gateways::GatewayStatus>,
+    previous: &StatusView,
+) -> StatusView {
+    let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        brink_proto::manifest::object_key(m)
+    };
+    let mut view = StatusView::default();
+    for (name, class) in &objects.classes {
+        let mut class = class.clone();
+        if let Some(mut status) = compiled.classes.get(name).cloned() {
+            let old = previous
+                .classes
+                .iter()
+                .find(|c| c.metadata.name == class.metadata.name)
+                .and_then(|c| c.status.as_ref())
+                .and_then(|s| s.conditions.clone())
+                .unwrap_or_default();
+            if let Some(conditions) = status.conditions.as_mut() {
+                compile::carry_transition_times(&old, conditions);
+            }
+            class.status = Some(status);
+        }
+        view.classes.push(class);
+    }
+    for (k, gateway) in &objects.gateways {
+        let mut gateway = gateway.clone();
+        if let Some(mut status) = gateway_status.get(k).cloned() {
+            let old = previous
+                .gateways
+                .iter()
+                .find(|g| key(&g.metadata) == *k)
+                .and_then(|g| g.status.clone())
+                .unwrap_or_default();
+            if let Some(conditions) = status.conditions.as_mut() {
+                compile::carry_transition_times(
+                    old.conditions.as_deref().unwrap_or_default(),
+                    conditions,
+                );
+            }
+            for listener in status.listeners.iter_mut().flatten() {
+                if let Some(old_listener) = old
+                    .listeners
+                    .iter()
+                    .flatten()
+                    .find(|l| l.name == listener.name)
+                {
+                    compile::carry_transition_times(
+                        &old_listener.conditions,
+                        &mut listener.conditions,
+                    );
+                }
+            }
+            gateway.status = Some(status);
+        }
+        view.gateways.push(gateway);
+    }
+    for (k, manifest) in &objects.routes {
+        let mut route = manifest.route.clone();
+        if let Some(mut status) = compiled.routes.get(k).cloned() {
+            let old = previous
+                .routes
+                .iter()
+                .find(|r| key(&r.metadata) == *k)
+                .and_then(|r| r.status.clone())
+                .unwrap_or_default();
+            for parent in &mut status.parents {
+                if let Some(old_parent) = old
+                    .parents
+                    .iter()
+                    .find(|p| p.parent_ref == parent.parent_ref)
+                {
+                    compile::carry_transition_times(&old_parent.conditions, &mut parent.conditions);
+                }
+            }
+            route.status = Some(status);
+        }
+        view.routes.push(route);
+    }
+    view
+}
