@@ -1,7 +1,9 @@
 //! `echo`: the backend the Gateway API conformance suite uses. Answers every request with a
 //! JSON object holding the request's path, host, method, protocol and headers, plus the
 //! namespace and pod name from `POD_NAMESPACE` / `POD_NAME`, so a test knows which backend
-//! answered and what the gateway sent it.
+//! answered and what the gateway sent it. Each request is also logged to stdout (so a
+//! mirrored copy, whose answer goes nowhere, can be seen in the pod's log), and a `delay`
+//! query parameter (milliseconds, at most 60 s) holds the answer back, for timeout tests.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -61,6 +63,16 @@ fn canonical_header(name: &str) -> String {
     out
 }
 
+/// `?delay=250` → 250 (capped at a minute).
+fn delay_ms(path_with_query: &str) -> Option<u64> {
+    let (_, query) = path_with_query.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("delay="))
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(|ms| ms.min(60_000))
+}
+
 impl wasip2::exports::http::incoming_handler::Guest for Echo {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let path = request.path_with_query().unwrap_or_else(|| "/".into());
@@ -72,6 +84,10 @@ impl wasip2::exports::http::incoming_handler::Guest for Echo {
                 .entry(canonical_header(&name))
                 .or_default()
                 .push(String::from_utf8_lossy(&value).into_owned());
+        }
+        println!("echo: {method} {host} {path}");
+        if let Some(ms) = delay_ms(&path) {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         let namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
         let pod = std::env::var("POD_NAME").unwrap_or_default();
