@@ -1019,3 +1019,238 @@ fn backends_are_weighted_and_failures_get_the_specs_codes() {
     assert_eq!(get(s, "slow.example", "/backend?delay=3000").status, 504);
     assert_eq!(get(s, "slow.example", "/request?delay=10").status, 200);
 }
+
+/// A self-signed certificate for `names`, as PEM (certificate, key).
+fn certificate(names: &[&str]) -> (String, String) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = rcgen::generate_simple_self_signed(names).expect("certificate");
+    (cert.cert.pem(), cert.signing_key.serialize_pem())
+}
+
+fn tls_secret(namespace: &str, name: &str, cert: &str, key: &str) -> String {
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(cert),
+        indent(key)
+    )
+}
+
+/// curl through the gateway: (status, HTTP version, body).
+fn curl(args: &[&str]) -> (u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code} %{http_version}",
+        ])
+        .args(args)
+        .output()
+        .expect("run curl (scripts/test installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut tail = tail.split_whitespace();
+    let status = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let version = tail.next().unwrap_or_default().to_string();
+    (status, version, body.to_string())
+}
+
+#[test]
+fn https_listeners_terminate_tls_and_speak_http2() {
+    let site = Site::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = certificate(&["secure.example", "*.wild.example"]);
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).expect("ca file");
+    let ca = ca.to_str().expect("utf-8").to_string();
+    let (https, refused, granted) = (free_port(), free_port(), free_port());
+    site.node.write_manifest(
+        "tls.yaml",
+        &format!(
+            "{}---\n{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: secure\n  namespace: {INFRA}\nspec:\n  gatewayClassName: brink\n  listeners:\n  - {{name: https, port: {https}, protocol: HTTPS, tls: {{certificateRefs: [{{name: site-cert}}]}}}}\n  - {{name: other-ns, port: {refused}, protocol: HTTPS, tls: {{certificateRefs: [{{name: web-cert, namespace: {WEB}}}]}}}}\n  - {{name: missing, port: {refused}, protocol: HTTPS, hostname: missing.example, tls: {{certificateRefs: [{{name: no-such-secret}}]}}}}\n---\n{}",
+            tls_secret(INFRA, "site-cert", &cert, &key),
+            tls_secret(WEB, "web-cert", &cert, &key),
+            route(INFRA, "secure", "secure", "  rules:\n  - backendRefs: [{name: infra-backend-v1, port: 8080}]\n"),
+        ),
+    );
+    let gw = wait_for("secure gateway status", || {
+        site.object("gateways", INFRA, "secure")
+            .filter(|g| g["status"]["listeners"].is_array())
+    });
+    let listener = |name: &str| {
+        gw["status"]["listeners"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(
+        condition(&listener("https")["conditions"], "Programmed")["status"],
+        "True"
+    );
+    // GatewaySecretMissingReferenceGrant and GatewayInvalidTLSConfiguration.
+    let c = condition(&listener("other-ns")["conditions"], "ResolvedRefs");
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("RefNotPermitted"))
+    );
+    let c = condition(&listener("missing")["conditions"], "ResolvedRefs");
+    assert_eq!(c["reason"], "InvalidCertificateRef");
+    assert_eq!(
+        condition(&listener("missing")["conditions"], "Programmed")["status"],
+        "False"
+    );
+    site.accepted(INFRA, "secure");
+
+    // HTTPRouteHTTPSListener: TLS terminated with the Secret's certificate, HTTP/2 by
+    // ALPN, HTTP/1.1 when the client asks for it.
+    let url = format!("https://secure.example:{https}/tls");
+    let resolve = format!("secure.example:{https}:127.0.0.1");
+    let (status, version, body) = wait_for("HTTPS through the gateway", || {
+        Some(curl(&["--cacert", &ca, "--resolve", &resolve, &url])).filter(|r| r.0 == 200)
+    });
+    assert_eq!(version, "2", "ALPN should pick h2");
+    let echo: Value = serde_json::from_str(&body).expect("echo JSON");
+    assert_eq!(
+        (echo["pod"].as_str(), echo["path"].as_str()),
+        (Some("infra-backend-v1"), Some("/tls"))
+    );
+    let (status1, version1, _) = curl(&["--http1.1", "--cacert", &ca, "--resolve", &resolve, &url]);
+    assert_eq!((status1, version1.as_str()), (200, "1.1"));
+    assert_eq!(status, 200);
+    // A wildcard name of the same certificate verifies too.
+    let wild = format!("a.wild.example:{https}:127.0.0.1");
+    let (status, _, _) = curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &wild,
+        &format!("https://a.wild.example:{https}/"),
+    ]);
+    assert_eq!(status, 200);
+
+    // h2c by prior knowledge on a plain HTTP listener.
+    site.node.write_manifest(
+        "h2c.yaml",
+        &route(INFRA, "h2c", "same-namespace", "  hostnames: [h2c.example]\n  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n"),
+    );
+    site.accepted(INFRA, "h2c");
+    let url = format!("http://127.0.0.1:{}/h2c", site.same);
+    let (status, version, body) = wait_for("h2c through the gateway", || {
+        Some(curl(&[
+            "--http2-prior-knowledge",
+            "-H",
+            "Host: h2c.example",
+            &url,
+        ]))
+        .filter(|r| r.0 == 200)
+    });
+    assert_eq!((status, version.as_str()), (200, "2"));
+    let echo: Value = serde_json::from_str(&body).expect("echo JSON");
+    assert_eq!(echo["pod"], "infra-backend-v2");
+
+    // GatewaySecretReferenceGrantSpecific: a grant for the Secret makes the listener
+    // resolve; its Gateway's generation moves with the edit.
+    let before = site.object("gateways", INFRA, "secure").expect("gateway");
+    site.node.write_manifest(
+        "grant.yaml",
+        &format!("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata:\n  name: cert\n  namespace: {WEB}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: Gateway, namespace: {INFRA}}}]\n  to: [{{group: '', kind: Secret, name: web-cert}}]\n"),
+    );
+    wait_for("the granted certificate to resolve", || {
+        site.object("gateways", INFRA, "secure").filter(|g| {
+            g["status"]["listeners"].as_array().is_some_and(|l| {
+                l.iter().any(|l| {
+                    l["name"] == "other-ns"
+                        && condition(&l["conditions"], "ResolvedRefs")["status"] == "True"
+                })
+            })
+        })
+    });
+    assert_eq!(before["metadata"]["generation"], 1);
+    let text = std::fs::read_to_string(site.node.manifests.join("tls.yaml")).expect("manifest");
+    site.node.write_manifest(
+        "tls.yaml",
+        &text.replace(
+            "name: missing, port",
+            &format!("name: added, port: {granted}, protocol: HTTP}}\n  - {{name: missing, port"),
+        ),
+    );
+    let after = wait_for("the Gateway's generation 2 observed", || {
+        site.object("gateways", INFRA, "secure").filter(|g| {
+            condition(&g["status"]["conditions"], "Accepted")["observedGeneration"] == 2
+        })
+    });
+    assert_eq!(after["metadata"]["generation"], 2);
+}
+
+#[test]
+fn route_edits_under_load_drop_no_request() {
+    let site = Site::start();
+    let s = site.same;
+    let spec = |backend: &str| {
+        format!(
+            "  hostnames: [live.example]\n  rules:\n  - backendRefs: [{{name: {backend}, port: 8080}}]\n"
+        )
+    };
+    site.node.write_manifest(
+        "live.yaml",
+        &route(INFRA, "live", "same-namespace", &spec("infra-backend-v1")),
+    );
+    site.accepted(INFRA, "live");
+    eventually_pod(s, "live.example", "/", &[], "infra-backend-v1");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeMap::new();
+            let mut failures = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match try_send(s, "GET", "live.example", "/", &[]) {
+                    Ok(r) if r.status == 200 => *seen.entry(r.pod()).or_insert(0) += 1,
+                    Ok(r) => failures.push(format!("{} {}", r.status, r.body)),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (seen, failures)
+        })
+    };
+    // Flip the route's backend back and forth, and open and close another Gateway's port
+    // beside it, while requests keep coming.
+    for i in 0..6 {
+        let backend = if i % 2 == 0 {
+            "infra-backend-v2"
+        } else {
+            "infra-backend-v1"
+        };
+        site.node.write_manifest(
+            "live.yaml",
+            &route(INFRA, "live", "same-namespace", &spec(backend)),
+        );
+        eventually_pod(s, "live.example", "/", &[], backend);
+        if i % 2 == 0 {
+            site.node
+                .write_manifest("extra.yaml", &gateway("extra", free_port(), "Same"));
+        } else {
+            site.node.remove_manifest("extra.yaml");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (seen, failures) = load.join().expect("load thread");
+    assert!(
+        failures.is_empty(),
+        "requests failed during edits: {failures:?}"
+    );
+    assert!(
+        seen.len() == 2 && seen.values().sum::<u32>() > 20,
+        "{seen:?}"
+    );
+}
