@@ -11,6 +11,12 @@
 //! 4. (issue 3) hello through the sandboxed path vs the in-process path, sandbox start
 //!    time, and memory per idle sandbox with 100 hello pods, each in its own sandbox.
 //!
+//! 5. (issue 4) hello through a Gateway listener vs through its host port vs `wasmtime
+//!    serve`; route lookup cost with 10, 1,000 and 10,000 routes (two shapes: one host
+//!    each, and one host with a path each); the time a route edit takes to serve under
+//!    load.
+//!
+//! `BENCH_ONLY=gateway` (comma-separated sections) runs one part.
 //! Figures go to stdout; nothing here passes or fails on a number.
 
 #[path = "../tests/common/mod.rs"]
@@ -225,6 +231,250 @@ fn main() {
     if run("sandbox") {
         sandbox(seconds, connections);
     }
+    if run("gateway") {
+        gateway(seconds, connections);
+    }
+}
+
+/// The Gateway API objects that route `hello.example` (and any host) to the hello pod.
+fn hello_gateway(port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: hello}}\nspec:\n  selector: {{app: hello}}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: brink}}\nspec: {{controllerName: brink.dev/gateway-controller}}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: bench}}\nspec:\n  gatewayClassName: brink\n  listeners: [{{name: http, port: {port}, protocol: HTTP}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: hello}}\nspec:\n  parentRefs: [{{name: bench}}]\n  rules:\n  - backendRefs: [{{name: hello, port: 80}}]\n"
+    )
+}
+
+fn gateway(seconds: u32, connections: u32) {
+    let layout = tempfile::tempdir().expect("tempdir");
+    let hello = layout_image(layout.path(), "hello");
+    let node = Node::start_with(&[
+        "--request-deadline",
+        "10s",
+        "--gateway-address",
+        "127.0.0.1",
+    ]);
+    let (host_port, gateway_port) = (free_port(), free_port());
+    let pod = service_pod("hello", &hello, host_port, &[]).replace(
+        "metadata:\n  name: hello\n",
+        "metadata:\n  name: hello\n  labels: {app: hello}\n",
+    );
+    node.write_manifest(
+        "hello.yaml",
+        &format!("{pod}---\n{}", hello_gateway(gateway_port)),
+    );
+    node.wait_ready("hello");
+    let _ = wait_200(gateway_port);
+    let url = |port: u16| format!("http://127.0.0.1:{port}/");
+    let _warm = wrk(&url(gateway_port), 2, connections);
+    let _warm = wrk(&url(host_port), 2, connections);
+    let through_gateway = wrk(&url(gateway_port), seconds, connections);
+    let through_host_port = wrk(&url(host_port), seconds, connections);
+    let wasmtime = wasmtime_cli();
+    let serve_port = free_port();
+    let mut serve = Command::new(&wasmtime)
+        .args([
+            "serve",
+            "-Scli",
+            "--addr",
+            &format!("127.0.0.1:{serve_port}"),
+        ])
+        .arg(example("hello"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("wasmtime serve");
+    let _ = wait_200(serve_port);
+    let _warm = wrk(&url(serve_port), 2, connections);
+    let peer = wrk(&url(serve_port), seconds, connections);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    println!(
+        "## hello through a Gateway listener vs its host port vs `wasmtime serve` {WASMTIME_VERSION}"
+    );
+    println!("| path | requests/s | p50 µs | p99 µs |\n|---|---|---|---|");
+    for (label, load) in [
+        (
+            "gateway (HTTPRoute → Service → sandboxed pod)",
+            &through_gateway,
+        ),
+        ("host port (same pod)", &through_host_port),
+        ("wasmtime serve", &peer),
+    ] {
+        println!(
+            "| {label} | {:.0} | {:.0} | {:.0} |",
+            load.rps, load.p50_us, load.p99_us
+        );
+    }
+    println!(
+        "ratio gateway / host port: throughput {:.2}x, p99 added {:.0} µs (goal: >= 0.9x, <= 100 µs)",
+        through_gateway.rps / through_host_port.rps,
+        through_gateway.p99_us - through_host_port.p99_us
+    );
+    println!(
+        "ratio gateway / wasmtime serve: throughput {:.2}x, p99 {:.2}x (goal: >= 1.0x)\n",
+        through_gateway.rps / peer.rps,
+        through_gateway.p99_us / peer.p99_us
+    );
+
+    // A route edit under load: from the file written to the first request that reaches
+    // the new path, while wrk keeps the gateway busy.
+    let load = {
+        let target = url(gateway_port);
+        std::thread::spawn(move || wrk(&target, 8, connections))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut effect_ms = Vec::new();
+    for i in 0..10 {
+        let path = format!("/edit-{i}");
+        let route = format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: edit}}\nspec:\n  parentRefs: [{{name: bench}}]\n  hostnames: [edit.example]\n  rules:\n  - matches: [{{path: {{type: Exact, value: {path}}}}}]\n    backendRefs: [{{name: hello, port: 80}}]\n"
+        );
+        let start = Instant::now();
+        node.write_manifest("edit.yaml", &route);
+        loop {
+            let ok = raw_get(gateway_port, "edit.example", &path) == Some(200);
+            if ok || start.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        effect_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let during = load.join().expect("load");
+    let effect_ms = {
+        let mut v = effect_ms;
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    };
+    println!("## a route edit under load (manifest written → first 200 on the new path)");
+    println!(
+        "p50 {:.1} ms, max {:.1} ms over {} edits, with wrk at {:.0} req/s (p99 {:.0} µs) meanwhile\n",
+        percentile(&effect_ms, 0.5),
+        effect_ms.last().copied().unwrap_or(f64::NAN),
+        effect_ms.len(),
+        during.rps,
+        during.p99_us
+    );
+    drop(node);
+    route_lookups();
+}
+
+/// One GET over a fresh connection; its status.
+fn raw_get(port: u16, host: &str, path: &str) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr(port)).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// The route table's lookup alone, in this process: p50/p99 per lookup as the number of
+/// routes grows.
+fn route_lookups() {
+    use brink_node::gateway::compile::{Inputs, compile};
+    use brink_node::gateway::table::RequestFacts;
+    println!("## route lookup cost (in-process, one lookup = listener + host + path + conditions)");
+    println!(
+        "| routes | shape | compile ms | lookup p50 ns | lookup p99 ns |\n|---|---|---|---|---|"
+    );
+    let mut p99_by_shape: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for count in [10usize, 1_000, 10_000] {
+        for shape in ["host each", "path each"] {
+            let mut text = String::from(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: brink}\nspec: {controllerName: brink.dev/gateway-controller}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: g}\nspec:\n  gatewayClassName: brink\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  selector: {app: s}\n  ports: [{port: 80}]\n",
+            );
+            for i in 0..count {
+                let (hosts, prefix) = if shape == "host each" {
+                    (format!("[r{i}.example.com]"), "/api".to_string())
+                } else {
+                    ("[shared.example.com]".to_string(), format!("/r{i}"))
+                };
+                text.push_str(&format!(
+                    "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r{i}}}\nspec:\n  parentRefs: [{{name: g}}]\n  hostnames: {hosts}\n  rules:\n  - matches: [{{path: {{type: Exact, value: {prefix}/exact}}}}]\n    backendRefs: [{{name: s, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: {prefix}/v1}}, headers: [{{name: x-version, value: beta}}]}}]\n    backendRefs: [{{name: s, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]\n    backendRefs: [{{name: s, port: 80}}]\n"
+                ));
+            }
+            let mut objects = brink_node::gateway::GatewayObjects::default();
+            for object in brink_proto::parse_manifests("bench", &text).expect("bench manifests") {
+                let key = object.key();
+                match object {
+                    brink_proto::Object::GatewayClass(c) => {
+                        objects.classes.insert(key, *c);
+                    }
+                    brink_proto::Object::Gateway(g) => {
+                        objects.gateways.insert(key, *g);
+                    }
+                    brink_proto::Object::Service(s) => {
+                        objects.services.insert(key, *s);
+                    }
+                    brink_proto::Object::HttpRoute(r) => {
+                        objects.routes.insert(key, *r);
+                    }
+                    _ => {}
+                }
+            }
+            let secrets = Default::default();
+            let start = Instant::now();
+            let compiled = compile(&Inputs {
+                objects: &objects,
+                secrets: &secrets,
+                controller: "brink.dev/gateway-controller",
+                address: std::net::IpAddr::from([127, 0, 0, 1]),
+                now: k8s_openapi::jiff::Timestamp::now(),
+            });
+            let compile_ms = start.elapsed().as_secs_f64() * 1e3;
+            let table = &compiled.ports[&80].table;
+            let headers = {
+                let mut h = hyper::HeaderMap::new();
+                h.insert("x-version", hyper::header::HeaderValue::from_static("beta"));
+                h
+            };
+            let method = hyper::Method::GET;
+            let mut samples = Vec::with_capacity(200_000);
+            let mut misses = 0;
+            for n in 0..200_000usize {
+                let i = (n * 7919) % count;
+                let (host, path) = if shape == "host each" {
+                    (format!("r{i}.example.com"), "/api/v1/items".to_string())
+                } else {
+                    ("shared.example.com".to_string(), format!("/r{i}/v1/items"))
+                };
+                let facts = RequestFacts {
+                    host: &host,
+                    path: &path,
+                    query: None,
+                    method: &method,
+                    headers: &headers,
+                };
+                let t = Instant::now();
+                let found = table.lookup(&facts);
+                let ns = t.elapsed().as_nanos() as f64;
+                if found.is_none() {
+                    misses += 1;
+                }
+                samples.push(ns);
+            }
+            assert_eq!(misses, 0, "every lookup should match");
+            samples.sort_by(|a, b| a.total_cmp(b));
+            let p99 = percentile(&samples, 0.99);
+            p99_by_shape.entry(shape).or_default().push(p99);
+            println!(
+                "| {count} | {shape} | {compile_ms:.1} | {:.0} | {p99:.0} |",
+                percentile(&samples, 0.5)
+            );
+        }
+    }
+    for (shape, p99s) in p99_by_shape {
+        println!(
+            "p99 growth 10 → 10,000 routes ({shape}): {:.2}x (goal: <= 2x)",
+            p99s.last().unwrap_or(&f64::NAN) / p99s.first().unwrap_or(&f64::NAN)
+        );
+    }
+    println!();
 }
 
 /// A field of /proc/PID/smaps_rollup in KiB (Rss, Pss, Private_Dirty, ...).

@@ -425,6 +425,7 @@ fn routes_match_with_the_specs_precedence() {
     );
     assert_eq!(get(site.all, "narrow.example.net", "/two").status, 404);
     assert_eq!(get(site.all, "other.example.net", "/one").status, 404);
+    assert!(site.node.metric("brink_gateway_not_found_total") >= 2);
 }
 
 #[test]
@@ -1018,6 +1019,16 @@ fn backends_are_weighted_and_failures_get_the_specs_codes() {
     assert_eq!(get(s, "slow.example", "/request?delay=3000").status, 504);
     assert_eq!(get(s, "slow.example", "/backend?delay=3000").status, 504);
     assert_eq!(get(s, "slow.example", "/request?delay=10").status, 200);
+
+    // Each outcome is counted on /metrics.
+    for name in [
+        "brink_gateway_invalid_backend_total",
+        "brink_gateway_unavailable_total",
+        "brink_gateway_timeouts_total",
+    ] {
+        assert!(site.node.metric(name) >= 1, "{name}");
+    }
+    assert!(site.node.metric("brink_gateway_requests_total") >= 500);
 }
 
 /// A self-signed certificate for `names`, as PEM (certificate, key).
@@ -1253,4 +1264,105 @@ fn route_edits_under_load_drop_no_request() {
         seen.len() == 2 && seen.values().sum::<u32>() > 20,
         "{seen:?}"
     );
+}
+
+#[test]
+fn route_kinds_and_reference_grant_scope() {
+    let site = Site::start();
+    // GatewayInvalidRouteKind and HTTPRouteDisallowedKind: a listener that allows only
+    // kinds Brink does not serve resolves no kinds and attaches no HTTPRoute.
+    let (port, grpc_only) = (free_port(), free_port());
+    site.node.write_manifest(
+        "kinds.yaml",
+        &format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: kinds\n  namespace: {INFRA}\nspec:\n  gatewayClassName: brink\n  listeners:\n  - {{name: invalid, port: {port}, protocol: HTTP, hostname: invalid.example, allowedRoutes: {{kinds: [{{kind: FooRoute}}]}}}}\n  - {{name: grpc, port: {grpc_only}, protocol: HTTP, allowedRoutes: {{kinds: [{{kind: GRPCRoute}}]}}}}\n  - {{name: mixed, port: {port}, protocol: HTTP, hostname: mixed.example, allowedRoutes: {{kinds: [{{kind: HTTPRoute}}, {{kind: FooRoute}}]}}}}\n---\n{}",
+            route(INFRA, "to-grpc-only", "kinds", "  rules:\n  - backendRefs: [{name: infra-backend-v1, port: 8080}]\n").replace("    namespace: gateway-conformance-infra\n", "    namespace: gateway-conformance-infra\n    sectionName: grpc\n")),
+    );
+    let gw = wait_for("kinds gateway status", || {
+        site.object("gateways", INFRA, "kinds")
+            .filter(|g| g["status"]["listeners"].is_array())
+    });
+    let listener = |name: &str| {
+        gw["status"]["listeners"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let invalid = listener("invalid");
+    assert_eq!(
+        condition(&invalid["conditions"], "ResolvedRefs")["reason"],
+        "InvalidRouteKinds"
+    );
+    assert_eq!(invalid["supportedKinds"], serde_json::json!([]));
+    let mixed = listener("mixed");
+    assert_eq!(
+        condition(&mixed["conditions"], "ResolvedRefs")["reason"],
+        "InvalidRouteKinds"
+    );
+    assert_eq!(mixed["supportedKinds"][0]["kind"], "HTTPRoute");
+    site.wait_route(
+        INFRA,
+        "to-grpc-only",
+        "Accepted",
+        "False",
+        "NotAllowedByListeners",
+    );
+
+    // HTTPRouteInvalidReferenceGrant: a grant in the wrong namespace allows nothing;
+    // GatewaySecretReferenceGrantAllInNamespace's route twin: a grant without a name
+    // allows every Service of its namespace.
+    site.node.write_manifest(
+        "grants.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata:\n  name: misplaced\n  namespace: {INFRA}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: {INFRA}}}]\n  to: [{{group: '', kind: Service}}]\n---\n{}",
+            route(INFRA, "wrong-grant", "same-namespace", "  hostnames: [grant.example]\n  rules:\n  - backendRefs: [{name: web-backend, namespace: gateway-conformance-web-backend, port: 8080}]\n"),
+        ),
+    );
+    site.wait_route(
+        INFRA,
+        "wrong-grant",
+        "ResolvedRefs",
+        "False",
+        "RefNotPermitted",
+    );
+    eventually(site.same, "grant.example", "/", &[], 500);
+    site.node.write_manifest(
+        "grants2.yaml",
+        &format!("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata:\n  name: all-services\n  namespace: {WEB}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: {INFRA}}}]\n  to: [{{group: '', kind: Service}}]\n"),
+    );
+    site.wait_route(INFRA, "wrong-grant", "ResolvedRefs", "True", "ResolvedRefs");
+    eventually_pod(site.same, "grant.example", "/", &[], "web-backend");
+
+    // GatewayClassObservedGenerationBump: an edit of the class shows in its conditions.
+    let base = std::fs::read_to_string(site.node.manifests.join("base.yaml")).expect("base");
+    site.node.write_manifest(
+        "base.yaml",
+        &base.replace(
+            "  controllerName: brink.dev/gateway-controller\n",
+            "  controllerName: brink.dev/gateway-controller\n  description: edited\n",
+        ),
+    );
+    let class = wait_for("class generation 2 observed", || {
+        site.object("gatewayclasses", "", "brink").filter(|c| {
+            condition(&c["status"]["conditions"], "Accepted")["observedGeneration"] == 2
+        })
+    });
+    assert_eq!(class["metadata"]["generation"], 2);
+    // A class of another controller gets no status from this node, and its Gateways
+    // are left alone.
+    site.node.write_manifest(
+        "foreign.yaml",
+        &format!("apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata:\n  name: foreign\nspec:\n  controllerName: example.com/other\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: foreign\n  namespace: {INFRA}\nspec:\n  gatewayClassName: foreign\n  listeners: [{{name: http, port: {}, protocol: HTTP}}]\n", free_port()),
+    );
+    let foreign = wait_for("the foreign gateway listed", || {
+        site.object("gateways", INFRA, "foreign")
+    });
+    assert!(
+        foreign.get("status").is_none_or(Value::is_null),
+        "{foreign}"
+    );
+    let class = site
+        .object("gatewayclasses", "", "foreign")
+        .expect("foreign class");
+    assert!(class.get("status").is_none_or(Value::is_null), "{class}");
 }

@@ -155,13 +155,16 @@ impl Agent {
             ip if ip.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             ip => ip,
         };
-        let gateway = crate::gateway::DataPlane::new(crate::gateway::GatewaySettings {
-            controller_name: settings.gateway_controller_name.clone(),
-            bind_address: settings.gateway_address,
-            advertise_address,
-            drain: settings.gateway_drain,
-            state_dir: settings.data_dir.join("gateway"),
-        });
+        let gateway = crate::gateway::DataPlane::new(
+            crate::gateway::GatewaySettings {
+                controller_name: settings.gateway_controller_name.clone(),
+                bind_address: settings.gateway_address,
+                advertise_address,
+                drain: settings.gateway_drain,
+                state_dir: settings.data_dir.join("gateway"),
+            },
+            metrics.clone(),
+        );
         Ok(Arc::new(Self {
             ctx: Arc::new(NodeContext {
                 settings,

@@ -20,6 +20,11 @@ pub struct Metrics {
     pub http_requests: AtomicU64,
     pub http_guest_errors: AtomicU64,
     pub http_deadline_exceeded: AtomicU64,
+    pub gateway_requests: AtomicU64,
+    pub gateway_not_found: AtomicU64,
+    pub gateway_server_errors: AtomicU64,
+    pub gateway_unavailable: AtomicU64,
+    pub gateway_timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -33,7 +38,7 @@ impl Metrics {
 
     /// Prometheus text exposition format, version 0.0.4.
     pub fn render(&self, running_pods: usize) -> String {
-        let rows: [(&str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &AtomicU64); 17] = [
             (
                 "brink_blob_downloads_total",
                 "Blobs fetched from a registry or layout.",
@@ -93,6 +98,31 @@ impl Metrics {
                 "brink_http_deadline_exceeded_total",
                 "HTTP requests interrupted by the CPU deadline.",
                 &self.http_deadline_exceeded,
+            ),
+            (
+                "brink_gateway_requests_total",
+                "Requests received on Gateway listeners.",
+                &self.gateway_requests,
+            ),
+            (
+                "brink_gateway_not_found_total",
+                "Gateway requests no route matched (404).",
+                &self.gateway_not_found,
+            ),
+            (
+                "brink_gateway_invalid_backend_total",
+                "Gateway requests for an invalid backend or unresolvable filter (500).",
+                &self.gateway_server_errors,
+            ),
+            (
+                "brink_gateway_unavailable_total",
+                "Gateway requests with no ready endpoint (503).",
+                &self.gateway_unavailable,
+            ),
+            (
+                "brink_gateway_timeouts_total",
+                "Gateway requests past a route's request or backend timeout (504).",
+                &self.gateway_timeouts,
             ),
         ];
         let mut out = String::new();

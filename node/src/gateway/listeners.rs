@@ -28,6 +28,7 @@ use super::table::{Protocol, RouteTable, wildcard_matches};
 pub struct Shared {
     pub table: ArcSwap<RouteTable>,
     pub backends: ArcSwap<BackendMap>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Certificates of one HTTPS port, picked by SNI like listeners are by host.
@@ -222,12 +223,25 @@ async fn serve(
                 let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     let table = shared.table.load_full();
                     let backends = shared.backends.load_full();
+                    let metrics = shared.metrics.clone();
+                    let id = metrics.gateway_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    let span = tracing::debug_span!("gateway_request", id, port = downstream.port, %peer);
                     let request = request.map(|b| b.boxed_unsync());
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            proxy::handle(table, backends, downstream, request).await,
-                        )
-                    }
+                    tracing::Instrument::instrument(async move {
+                        let response = proxy::handle(table, backends, downstream, request).await;
+                        let counter = match response.status().as_u16() {
+                            404 => Some(&metrics.gateway_not_found),
+                            500 => Some(&metrics.gateway_server_errors),
+                            503 => Some(&metrics.gateway_unavailable),
+                            504 => Some(&metrics.gateway_timeouts),
+                            _ => None,
+                        };
+                        if let Some(counter) = counter {
+                            crate::metrics::Metrics::inc(counter);
+                        }
+                        tracing::debug!(status = response.status().as_u16(), "answered");
+                        Ok::<_, std::convert::Infallible>(response)
+                    }, span)
                 });
                 match &tls {
                     None => {

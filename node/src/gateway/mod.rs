@@ -73,12 +73,13 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    pub fn new(settings: GatewaySettings) -> Arc<Self> {
+    pub fn new(settings: GatewaySettings, metrics: Arc<crate::metrics::Metrics>) -> Arc<Self> {
         Arc::new(Self {
             settings,
             shared: Arc::new(listeners::Shared {
                 table: ArcSwap::from_pointee(table::RouteTable::default()),
                 backends: ArcSwap::from_pointee(endpoints::BackendMap::new()),
+                metrics,
             }),
             endpoints: Arc::new(Endpoints::default()),
             objects: watch::Sender::new(Arc::default()),
