@@ -12,10 +12,6 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
-
 use common::*;
 use serde_json::Value;
 
@@ -160,20 +156,30 @@ fn condition(conditions: &Value, type_: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A listener's entry in a Gateway's status (Null when absent).
+fn listener_status(gateway: &Value, name: &str) -> Value {
+    gateway["status"]["listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
 fn route(namespace: &str, name: &str, parent: &str, spec: &str) -> String {
     format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  parentRefs:\n  - name: {parent}\n    namespace: {INFRA}\n{spec}"
     )
 }
 
-#[derive(Debug, Clone)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+/// What the echo backend's replies say.
+trait EchoReply {
+    fn header(&self, name: &str) -> Option<&str>;
+    /// The echo backend's report of what it received.
+    fn echo(&self) -> Value;
+    fn pod(&self) -> String;
 }
 
-impl Reply {
+impl EchoReply for HttpResponse {
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -181,7 +187,6 @@ impl Reply {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The echo backend's report of what it received.
     fn echo(&self) -> Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("not an echo reply ({e}): {} {}", self.status, self.body))
@@ -192,7 +197,10 @@ impl Reply {
     }
 }
 
-/// One HTTP/1.1 request over a fresh connection, with any method, Host and headers.
+type Reply = HttpResponse;
+
+/// One request over a fresh connection to a gateway port, with any method, Host and
+/// headers.
 fn send(port: u16, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
     try_send(port, method, host, path, headers)
         .unwrap_or_else(|e| panic!("{method} {host}{path}: {e}"))
@@ -205,59 +213,7 @@ fn try_send(
     path: &str,
     headers: &[(&str, &str)],
 ) -> std::io::Result<Reply> {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("Content-Length: 0\r\n\r\n");
-    stream.write_all(head.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
-    let text = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = text.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("bad status line"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    if headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
-    {
-        body = dechunk(&body);
-    }
-    Ok(Reply {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(String::from_utf8_lossy(&data[..pos]).trim(), 16).unwrap_or(0);
-        data = &data[pos + 2..];
-        if size == 0 || data.len() < size {
-            break;
-        }
-        out.extend_from_slice(&data[..size]);
-        data = data.get(size + 2..).unwrap_or_default();
-    }
-    out
+    http_request(([127, 0, 0, 1], port).into(), method, host, path, headers)
 }
 
 fn get(port: u16, host: &str, path: &str) -> Reply {
@@ -656,13 +612,7 @@ fn listeners_conflict_select_namespaces_and_follow_gateway_edits() {
         site.object("gateways", INFRA, "conflicted")
             .filter(|g| g["status"]["listeners"].is_array())
     });
-    let listener = |name: &str| {
-        gw["status"]["listeners"]
-            .as_array()
-            .and_then(|l| l.iter().find(|l| l["name"] == name))
-            .cloned()
-            .unwrap_or(Value::Null)
-    };
+    let listener = |name: &str| listener_status(&gw, name);
     for name in ["one", "two"] {
         let c = condition(&listener(name)["conditions"], "Conflicted");
         assert_eq!(
@@ -1096,13 +1046,7 @@ fn https_listeners_terminate_tls_and_speak_http2() {
         site.object("gateways", INFRA, "secure")
             .filter(|g| g["status"]["listeners"].is_array())
     });
-    let listener = |name: &str| {
-        gw["status"]["listeners"]
-            .as_array()
-            .and_then(|l| l.iter().find(|l| l["name"] == name))
-            .cloned()
-            .unwrap_or(Value::Null)
-    };
+    let listener = |name: &str| listener_status(&gw, name);
     assert_eq!(
         condition(&listener("https")["conditions"], "Programmed")["status"],
         "True"
@@ -1281,13 +1225,7 @@ fn route_kinds_and_reference_grant_scope() {
         site.object("gateways", INFRA, "kinds")
             .filter(|g| g["status"]["listeners"].is_array())
     });
-    let listener = |name: &str| {
-        gw["status"]["listeners"]
-            .as_array()
-            .and_then(|l| l.iter().find(|l| l["name"] == name))
-            .cloned()
-            .unwrap_or(Value::Null)
-    };
+    let listener = |name: &str| listener_status(&gw, name);
     let invalid = listener("invalid");
     assert_eq!(
         condition(&invalid["conditions"], "ResolvedRefs")["reason"],
@@ -1365,4 +1303,56 @@ fn route_kinds_and_reference_grant_scope() {
         .object("gatewayclasses", "", "foreign")
         .expect("foreign class");
     assert!(class.get("status").is_none_or(Value::is_null), "{class}");
+}
+
+#[test]
+fn garbage_requests_are_refused_and_change_nothing() {
+    let site = Site::start();
+    let s = site.same;
+    site.node.write_manifest(
+        "garbage.yaml",
+        &route(INFRA, "garbage", "same-namespace", "  rules:\n  - matches: [{path: {type: PathPrefix, value: /ok}, queryParams: [{name: q, value: 'a b'}]}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n"),
+    );
+    site.accepted(INFRA, "garbage");
+    eventually(s, "x", "/ok?q=a%20b", &[], 200);
+    // Bytes that are not HTTP, a request line with no version, a header without a
+    // colon: each gets a 400 or a closed connection, never a crash.
+    for raw in [
+        &b"\x16\x03\x01\x00\xa5garbage\r\n\r\n"[..],
+        b"GET /\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ] {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", s)).expect("connect");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .expect("timeout");
+        let _ = stream.write_all(raw);
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty()
+                || text.starts_with("HTTP/1.1 400")
+                || text.starts_with("HTTP/1.1 404"),
+            "{raw:?} → {text}"
+        );
+    }
+    // Odd but legal requests: bad percent escapes, a host with a port and a trailing
+    // dot, a path that climbs: matched or not, as the rules say.
+    assert_eq!(get(s, "x", "/ok?q=%zz").status, 404);
+    assert_eq!(get(s, "X.:99", "/ok?q=a+b").pod(), "infra-backend-v1");
+    assert_eq!(get(s, "x", "/../ok?q=a%20b").status, 404);
+    assert_eq!(get(s, "x", "/elsewhere").status, 404);
+    // A huge header block is refused by the server, and the node goes on.
+    let big = "v".repeat(200_000);
+    let reply = try_send(s, "GET", "x", "/ok?q=a%20b", &[("x-big", &big)]);
+    assert!(
+        reply.is_err()
+            || reply
+                .as_ref()
+                .is_ok_and(|r| r.status == 431 || r.status == 400)
+    );
+    assert_eq!(get(s, "x", "/ok?q=a%20b").pod(), "infra-backend-v1");
 }

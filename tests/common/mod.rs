@@ -105,12 +105,26 @@ pub struct HttpResponse {
 
 /// A GET over a fresh TCP connection (HTTP/1.1, `Connection: close`, chunked bodies decoded).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpResponse> {
+    http_request(addr, "GET", &addr.to_string(), path, &[])
+}
+
+/// A request with any method, Host and extra headers over a fresh TCP connection
+/// (HTTP/1.1, no body, `Connection: close`, chunked bodies decoded).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let split = raw

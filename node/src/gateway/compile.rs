@@ -1248,6 +1248,12 @@ fn header_pairs(
         .collect()
 }
 
+fn path_modifier(full: Option<&String>, prefix: Option<&String>) -> Option<PathModifier> {
+    full.cloned()
+        .map(PathModifier::Full)
+        .or_else(|| prefix.cloned().map(PathModifier::Prefix))
+}
+
 fn convert_filter(
     f: &HttpRouteRulesFilters,
     namespace: &str,
@@ -1305,10 +1311,10 @@ fn convert_filter(
         HttpRouteRulesFiltersType::RequestRedirect => {
             let r = f.request_redirect.clone().unwrap_or_default();
             let path = r.path.as_ref().and_then(|p| {
-                p.replace_full_path
-                    .clone()
-                    .map(PathModifier::Full)
-                    .or_else(|| p.replace_prefix_match.clone().map(PathModifier::Prefix))
+                path_modifier(
+                    p.replace_full_path.as_ref(),
+                    p.replace_prefix_match.as_ref(),
+                )
             });
             Ok(Filter::Redirect(Redirect {
                 scheme: r.scheme.as_ref().and_then(|s| {
@@ -1328,10 +1334,10 @@ fn convert_filter(
         HttpRouteRulesFiltersType::UrlRewrite => {
             let r = f.url_rewrite.clone().unwrap_or_default();
             let path = r.path.as_ref().and_then(|p| {
-                p.replace_full_path
-                    .clone()
-                    .map(PathModifier::Full)
-                    .or_else(|| p.replace_prefix_match.clone().map(PathModifier::Prefix))
+                path_modifier(
+                    p.replace_full_path.as_ref(),
+                    p.replace_prefix_match.as_ref(),
+                )
             });
             Ok(Filter::Rewrite(Rewrite {
                 hostname: r.hostname.clone(),

@@ -73,6 +73,10 @@ struct OpenPort {
     task: JoinHandle<()>,
 }
 
+/// The most header bytes a request may carry (HTTP/1.1 read buffer, HTTP/2 header list):
+/// more is refused by the server before any route or guest sees it.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// How long a TLS handshake may take before the connection is dropped.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -206,7 +210,12 @@ async fn serve(
     mut stop: oneshot::Receiver<Duration>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
     let grace = loop {
         tokio::select! {
             accepted = listener.accept() => {

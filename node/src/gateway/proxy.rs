@@ -157,50 +157,29 @@ async fn serve_rule(
         .uri
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-    let mut response_filters: Vec<&Filter> = Vec::new();
-    let mut mirrors = Vec::new();
-    for filter in &rule.filters {
-        match filter {
-            Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
-            Filter::Rewrite(rewrite) => apply_rewrite(
-                rewrite,
-                &mut parts.headers,
-                &mut path_and_query,
-                matched_prefix.as_deref(),
-            ),
-            Filter::Mirror(mirror) => {
-                if sample(mirror.share_ppm) {
-                    mirrors.push(mirror.backend.clone());
-                }
-            }
-            Filter::ResponseHeaders(_) => response_filters.push(filter),
-            Filter::Redirect(_) | Filter::Cors(_) => {}
-        }
-    }
+    let mut pending = Pending::default();
+    pending.apply(
+        &rule.filters,
+        &mut parts.headers,
+        &mut path_and_query,
+        matched_prefix.as_deref(),
+    );
     let Some(backend) = pick_backend(&rule) else {
         return text_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the matched rule has no backend to send to\n",
         );
     };
-    for filter in &backend.filters {
-        match filter {
-            Filter::RequestHeaders(m) => m.apply(&mut parts.headers),
-            Filter::Rewrite(rewrite) => apply_rewrite(
-                rewrite,
-                &mut parts.headers,
-                &mut path_and_query,
-                matched_prefix.as_deref(),
-            ),
-            Filter::Mirror(mirror) => {
-                if sample(mirror.share_ppm) {
-                    mirrors.push(mirror.backend.clone());
-                }
-            }
-            Filter::ResponseHeaders(_) => response_filters.push(filter),
-            Filter::Redirect(_) | Filter::Cors(_) => {}
-        }
-    }
+    pending.apply(
+        &backend.filters,
+        &mut parts.headers,
+        &mut path_and_query,
+        matched_prefix.as_deref(),
+    );
+    let Pending {
+        response_filters,
+        mirrors,
+    } = pending;
     parts.uri = match Uri::try_from(path_and_query.as_str()) {
         Ok(uri) => uri,
         Err(_) => {
@@ -249,6 +228,40 @@ async fn serve_rule(
         add_cors_headers(cors, origin, response.headers_mut());
     }
     response
+}
+
+/// What request filters leave for later: response modifiers and mirror targets.
+#[derive(Default)]
+struct Pending<'a> {
+    response_filters: Vec<&'a Filter>,
+    mirrors: Vec<BackendTarget>,
+}
+
+impl<'a> Pending<'a> {
+    /// Applies the request side of `filters` (rule level, then backend level) in order.
+    fn apply(
+        &mut self,
+        filters: &'a [Filter],
+        headers: &mut HeaderMap,
+        path_and_query: &mut String,
+        matched_prefix: Option<&str>,
+    ) {
+        for filter in filters {
+            match filter {
+                Filter::RequestHeaders(m) => m.apply(headers),
+                Filter::Rewrite(rewrite) => {
+                    apply_rewrite(rewrite, headers, path_and_query, matched_prefix)
+                }
+                Filter::Mirror(mirror) => {
+                    if sample(mirror.share_ppm) {
+                        self.mirrors.push(mirror.backend.clone());
+                    }
+                }
+                Filter::ResponseHeaders(_) => self.response_filters.push(filter),
+                Filter::Redirect(_) | Filter::Cors(_) => {}
+            }
+        }
+    }
 }
 
 fn pick_backend(rule: &RuleTarget) -> Option<&super::table::WeightedBackend> {
