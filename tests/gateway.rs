@@ -1356,3 +1356,86 @@ fn garbage_requests_are_refused_and_change_nothing() {
     );
     assert_eq!(get(s, "x", "/ok?q=a%20b").pod(), "infra-backend-v1");
 }
+
+#[test]
+fn route_age_decides_ties_and_survives_a_restart() {
+    let mut site = Site::start();
+    let s = site.same;
+    let rule = |backend: &str| {
+        format!(
+            "  hostnames: [tie.example]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /tie}}}}]\n    backendRefs: [{{name: {backend}, port: 8080}}]\n"
+        )
+    };
+    // zeta first, alpha later: the same match, so the older route wins although alpha
+    // sorts first by name.
+    site.node.write_manifest(
+        "zeta.yaml",
+        &route(INFRA, "zeta", "same-namespace", &rule("infra-backend-v2")),
+    );
+    let zeta = site.accepted(INFRA, "zeta");
+    eventually_pod(s, "tie.example", "/tie", &[], "infra-backend-v2");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    site.node.write_manifest(
+        "alpha.yaml",
+        &route(INFRA, "alpha", "same-namespace", &rule("infra-backend-v3")),
+    );
+    site.accepted(INFRA, "alpha");
+    for _ in 0..20 {
+        assert_eq!(get(s, "tie.example", "/tie").pod(), "infra-backend-v2");
+    }
+    // After a restart the ages come back from the data directory, so the order holds.
+    site.node.restart();
+    site.wait_pod_ready(INFRA, "infra-backend-v2");
+    site.wait_gateway_programmed("same-namespace");
+    let again = site.accepted(INFRA, "zeta");
+    assert_eq!(
+        again["metadata"]["creationTimestamp"],
+        zeta["metadata"]["creationTimestamp"]
+    );
+    eventually_pod(s, "tie.example", "/tie", &[], "infra-backend-v2");
+    for _ in 0..20 {
+        assert_eq!(get(s, "tie.example", "/tie").pod(), "infra-backend-v2");
+    }
+    // Removing the older route hands the path to the younger one.
+    site.node.remove_manifest("zeta.yaml");
+    eventually_pod(s, "tie.example", "/tie", &[], "infra-backend-v3");
+}
+
+#[test]
+fn a_port_in_use_is_reported_and_retried_on_the_next_change() {
+    let site = Site::start();
+    let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    site.node.write_manifest(
+        "busy.yaml",
+        &format!(
+            "{}---\n{}",
+            gateway("busy", port, "Same"),
+            route(
+                INFRA,
+                "busy",
+                "busy",
+                "  rules:\n  - backendRefs: [{name: infra-backend-v1, port: 8080}]\n"
+            )
+        ),
+    );
+    let gw = wait_for("busy gateway status", || {
+        site.object("gateways", INFRA, "busy")
+            .filter(|g| g["status"]["listeners"].is_array())
+    });
+    let listener = listener_status(&gw, "http");
+    let accepted = condition(&listener["conditions"], "Accepted");
+    assert_eq!(
+        (accepted["status"].as_str(), accepted["reason"].as_str()),
+        (Some("False"), Some("PortUnavailable"))
+    );
+    assert_eq!(
+        condition(&gw["status"]["conditions"], "Programmed")["reason"],
+        "NoResources"
+    );
+    // The port is freed; the next change of anything tries again.
+    drop(taken);
+    site.node.write_manifest("nudge.yaml", &route(INFRA, "nudge", "busy", "  hostnames: [nudge.example]\n  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n"));
+    site.wait_gateway_programmed("busy");
+    eventually_pod(port, "any.example", "/", &[], "infra-backend-v1");
+}

@@ -77,6 +77,10 @@ struct OpenPort {
 /// more is refused by the server before any route or guest sees it.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// How long an HTTP/1.1 client may take to send a request's headers (slow clients must
+/// not hold connections open for free).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a TLS handshake may take before the connection is dropped.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -211,7 +215,11 @@ async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder
         .http2()
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));

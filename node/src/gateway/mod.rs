@@ -68,8 +68,6 @@ pub struct DataPlane {
     pub endpoints: Arc<Endpoints>,
     objects: watch::Sender<Arc<GatewayObjects>>,
     view: RwLock<Arc<StatusView>>,
-    /// Bumped after every rebuild (tests and `brink` wait on it).
-    generation: watch::Sender<u64>,
 }
 
 impl DataPlane {
@@ -84,7 +82,6 @@ impl DataPlane {
             endpoints: Arc::new(Endpoints::default()),
             objects: watch::Sender::new(Arc::default()),
             view: RwLock::new(Arc::default()),
-            generation: watch::Sender::new(0),
         })
     }
 
@@ -127,7 +124,11 @@ impl DataPlane {
         let mut previous = StatusView::default();
         let mut services = BTreeMap::new();
         tokio::pin!(shutdown);
-        let mut objects_changed = true;
+        // Nothing is compiled (or stamped, which forgets objects it does not see) before
+        // the source has said what it wants: after a restart the first table is built
+        // from the manifests, not from nothing.
+        let mut source_seen = false;
+        let mut objects_changed = false;
         loop {
             if objects_changed {
                 let mut objects = GatewayObjects::clone(&objects_rx.borrow_and_update());
@@ -191,16 +192,16 @@ impl DataPlane {
                 if let Ok(mut v) = self.view.write() {
                     *v = Arc::new(view);
                 }
-                self.generation.send_modify(|g| *g += 1);
             }
             tokio::select! {
                 changed = objects_rx.changed() => {
                     if changed.is_err() { break; }
+                    source_seen = true;
                     objects_changed = true;
                 }
                 changed = config.changed() => {
                     if changed.is_err() { break; }
-                    objects_changed = true;
+                    objects_changed = source_seen;
                 }
                 changed = endpoints_rx.changed() => {
                     if changed.is_err() { break; }
