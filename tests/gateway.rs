@@ -754,6 +754,9 @@ fn filters_rewrite_redirect_modify_and_mirror() {
             "  - matches: [{path: {type: PathPrefix, value: /mirror}}]\n",
             "    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: infra-backend-v3, port: 8080}}}]\n",
             "    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+            "  - matches: [{path: {type: PathPrefix, value: /mirror-half}}]\n",
+            "    filters: [{type: RequestMirror, requestMirror: {percent: 50, backendRef: {name: infra-backend-v3, port: 8080}}}]\n",
+            "    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
             // CORS.
             "  - matches: [{path: {type: PathPrefix, value: /cors}}]\n",
             "    filters: [{type: CORS, cors: {allowOrigins: ['https://www.foo.com', 'https://*.bar.com'], allowMethods: [GET, OPTIONS], allowHeaders: [x-header-1], exposeHeaders: [x-header-3], maxAge: 3600, allowCredentials: true}}]\n",
@@ -844,6 +847,24 @@ fn filters_rewrite_redirect_modify_and_mirror() {
     assert!(
         !v2_logs.contains("/mirror/once"),
         "only the mirror gets a copy: {v2_logs}"
+    );
+    // A 50% mirror copies about half: 200 requests, five standard deviations either side.
+    for _ in 0..200 {
+        assert_eq!(get(s, h, "/mirror-half").status, 200);
+    }
+    let mirrored = || {
+        stdout(&site.node.brink(&["logs", "infra-backend-v3", "-n", INFRA]))
+            .matches("/mirror-half")
+            .count()
+    };
+    wait_for("the half mirror's copies", || {
+        (mirrored() >= 65).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let copies = mirrored();
+    assert!(
+        (65..=135).contains(&copies),
+        "{copies} of 200 mirrored at 50%"
     );
 
     // CORS: a preflight from an allowed origin, one from a stranger, and a simple request.
@@ -1438,4 +1459,158 @@ fn a_port_in_use_is_reported_and_retried_on_the_next_change() {
     site.node.write_manifest("nudge.yaml", &route(INFRA, "nudge", "busy", "  hostnames: [nudge.example]\n  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n"));
     site.wait_gateway_programmed("busy");
     eventually_pod(port, "any.example", "/", &[], "infra-backend-v1");
+}
+
+#[test]
+fn listener_hostnames_pick_listeners_and_certificates() {
+    let site = Site::start();
+    // HTTPRouteListenerHostnameMatching: four listeners on one port, each with its route.
+    let port = free_port();
+    let listeners = [
+        ("listener-1", "bar.com", "infra-backend-v1"),
+        ("listener-2", "foo.bar.com", "infra-backend-v2"),
+        ("listener-3", "*.bar.com", "infra-backend-v3"),
+        ("listener-4", "*.foo.com", "app-backend-v1"),
+    ];
+    let mut text = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: hostnames\n  namespace: {INFRA}\nspec:\n  gatewayClassName: brink\n  listeners:\n"
+    );
+    for (name, host, _) in listeners {
+        text.push_str(&format!("  - {{name: {name}, port: {port}, protocol: HTTP, hostname: '{host}', allowedRoutes: {{namespaces: {{from: All}}}}}}\n"));
+    }
+    for (name, _, backend) in listeners {
+        let namespace = if backend.starts_with("app") {
+            APP
+        } else {
+            INFRA
+        };
+        text.push_str("---\n");
+        text.push_str(
+            &route(
+                namespace,
+                &format!("route-{name}"),
+                "hostnames",
+                &format!("  rules:\n  - backendRefs: [{{name: {backend}, port: 8080}}]\n"),
+            )
+            .replace(
+                "    namespace: gateway-conformance-infra\n",
+                &format!("    namespace: gateway-conformance-infra\n    sectionName: {name}\n"),
+            ),
+        );
+    }
+    site.node.write_manifest("hostnames.yaml", &text);
+    for (name, _, backend) in listeners {
+        let namespace = if backend.starts_with("app") {
+            APP
+        } else {
+            INFRA
+        };
+        site.accepted(namespace, &format!("route-{name}"));
+    }
+    eventually_pod(port, "bar.com", "/", &[], "infra-backend-v1");
+    check_table(
+        port,
+        &[
+            ("bar.com", "/", &[], Ok("infra-backend-v1")),
+            ("foo.bar.com", "/", &[], Ok("infra-backend-v2")),
+            ("baz.bar.com", "/", &[], Ok("infra-backend-v3")),
+            ("boo.bar.com", "/", &[], Ok("infra-backend-v3")),
+            (
+                "multiple.prefixes.bar.com",
+                "/",
+                &[],
+                Ok("infra-backend-v3"),
+            ),
+            ("foo.foo.com", "/", &[], Ok("app-backend-v1")),
+            ("no.matching.host", "/", &[], Err(404)),
+            ("foo.com", "/", &[], Err(404)),
+        ],
+    );
+    let gw = site
+        .object("gateways", INFRA, "hostnames")
+        .expect("gateway");
+    for (name, _, _) in listeners {
+        assert_eq!(listener_status(&gw, name)["attachedRoutes"], 1, "{name}");
+    }
+
+    // Two HTTPS listeners on one port with their own certificates: SNI picks each; a
+    // certificate that is not PEM, a grant for another Secret, and a grant for every
+    // Secret of a namespace.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_a, key_a) = certificate(&["a.example"]);
+    let (cert_b, key_b) = certificate(&["b.example"]);
+    let (ca_a, ca_b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+    std::fs::write(&ca_a, &cert_a).expect("ca a");
+    std::fs::write(&ca_b, &cert_b).expect("ca b");
+    let (https, other) = (free_port(), free_port());
+    site.node.write_manifest(
+        "sni.yaml",
+        &format!(
+            "{}---\n{}---\n{}---\n{}---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: garbled\n  namespace: {INFRA}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: not a certificate\n  tls.key: not a key\n---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata:\n  name: other-secret-only\n  namespace: {WEB}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: Gateway, namespace: {INFRA}}}]\n  to: [{{group: '', kind: Secret, name: not-this-one}}]\n---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata:\n  name: all-secrets\n  namespace: {APP}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: Gateway, namespace: {INFRA}}}]\n  to: [{{group: '', kind: Secret}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: sni\n  namespace: {INFRA}\nspec:\n  gatewayClassName: brink\n  listeners:\n  - {{name: a, port: {https}, protocol: HTTPS, hostname: a.example, tls: {{certificateRefs: [{{name: cert-a}}]}}}}\n  - {{name: b, port: {https}, protocol: HTTPS, hostname: b.example, tls: {{certificateRefs: [{{name: cert-b, namespace: {APP}}}]}}}}\n  - {{name: garbled, port: {other}, protocol: HTTPS, hostname: g.example, tls: {{certificateRefs: [{{name: garbled}}]}}}}\n  - {{name: wrong-grant, port: {other}, protocol: HTTPS, hostname: w.example, tls: {{certificateRefs: [{{name: web-cert, namespace: {WEB}}}]}}}}\n---\n{}",
+            tls_secret(INFRA, "cert-a", &cert_a, &key_a),
+            tls_secret(APP, "cert-b", &cert_b, &key_b),
+            tls_secret(WEB, "web-cert", &cert_a, &key_a),
+            // A key that does not belong to its certificate is refused too.
+            tls_secret(INFRA, "mismatched", &cert_a, &key_b),
+            route(INFRA, "sni", "sni", "  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n"),
+        ),
+    );
+    let gw = wait_for("sni gateway status", || {
+        site.object("gateways", INFRA, "sni")
+            .filter(|g| g["status"]["listeners"].is_array())
+    });
+    for (name, status, reason) in [
+        ("a", "True", "ResolvedRefs"),
+        ("b", "True", "ResolvedRefs"),
+        ("garbled", "False", "InvalidCertificateRef"),
+        ("wrong-grant", "False", "RefNotPermitted"),
+    ] {
+        let c = condition(&listener_status(&gw, name)["conditions"], "ResolvedRefs");
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some(status), Some(reason)),
+            "{name}: {c}"
+        );
+    }
+    site.accepted(INFRA, "sni");
+    for (host, ca) in [("a.example", &ca_a), ("b.example", &ca_b)] {
+        let resolve = format!("{host}:{https}:127.0.0.1");
+        let url = format!("https://{host}:{https}/");
+        let ca = ca.to_str().expect("utf-8");
+        let (status, _, body) = wait_for(&format!("HTTPS to {host}"), || {
+            Some(curl(&["--cacert", ca, "--resolve", &resolve, &url])).filter(|r| r.0 == 200)
+        });
+        assert_eq!(status, 200);
+        assert!(body.contains("infra-backend-v2"), "{body}");
+    }
+    // The other listener's certificate does not verify as this host's.
+    let (status, _, _) = curl(&[
+        "--cacert",
+        ca_b.to_str().expect("utf-8"),
+        "--resolve",
+        &format!("a.example:{https}:127.0.0.1"),
+        &format!("https://a.example:{https}/"),
+    ]);
+    assert_eq!(
+        status, 0,
+        "a.example must be served a.example's certificate"
+    );
+    // A key that does not fit its certificate.
+    site.node.write_manifest(
+        "mismatch.yaml",
+        &format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: mismatch\n  namespace: {INFRA}\nspec:\n  gatewayClassName: brink\n  listeners:\n  - {{name: m, port: {}, protocol: HTTPS, tls: {{certificateRefs: [{{name: mismatched}}]}}}}\n", free_port()),
+    );
+    let gw = wait_for("mismatch gateway status", || {
+        site.object("gateways", INFRA, "mismatch")
+            .filter(|g| g["status"]["listeners"].is_array())
+    });
+    let c = condition(&listener_status(&gw, "m")["conditions"], "ResolvedRefs");
+    assert_eq!(c["reason"], "InvalidCertificateRef");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("do not fit"),
+        "{c}"
+    );
 }
