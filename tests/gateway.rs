@@ -1614,3 +1614,47 @@ fn listener_hostnames_pick_listeners_and_certificates() {
         "{c}"
     );
 }
+
+#[test]
+fn requests_in_flight_finish_when_their_route_or_gateway_goes() {
+    let site = Site::start();
+    let port = free_port();
+    site.node.write_manifest(
+        "going.yaml",
+        &format!(
+            "{}---\n{}",
+            gateway("going", port, "Same"),
+            route(
+                INFRA,
+                "going",
+                "going",
+                "  rules:\n  - backendRefs: [{name: infra-backend-v1, port: 8080}]\n"
+            )
+        ),
+    );
+    site.accepted(INFRA, "going");
+    eventually_pod(port, "x", "/", &[], "infra-backend-v1");
+    // A slow request (under the test node's 1 s guest deadline) starts, then its route
+    // and its Gateway are removed: the port stops taking new connections, and the request
+    // in flight still gets its answer.
+    let slow = std::thread::spawn(move || {
+        let reply = try_send(port, "GET", "x", "/?delay=800", &[]);
+        (reply, std::time::Instant::now())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    site.node.remove_manifest("going.yaml");
+    wait_for("the port to close", || {
+        try_send(port, "GET", "x", "/", &[]).is_err().then_some(())
+    });
+    let closed_at = std::time::Instant::now();
+    let (reply, answered_at) = slow.join().expect("slow request");
+    let reply = reply.expect("the request in flight was dropped");
+    assert!(
+        closed_at < answered_at,
+        "the port closed only after the answer"
+    );
+    assert_eq!(
+        (reply.status, reply.pod()),
+        (200, "infra-backend-v1".to_string())
+    );
+}
