@@ -68,13 +68,13 @@ pub async fn handle(
     let Some(found) = found else {
         return text_response(StatusCode::NOT_FOUND, "no route matches\n");
     };
-    let rule = found.target.clone();
+    let rule = found.target;
     let prefix = match &found.route_match.path {
-        PathMatch::Prefix(p) => Some(p.clone()),
+        PathMatch::Prefix(p) => Some(p.as_str()),
         _ => None,
     };
     let served = serve_rule(
-        rule.clone(),
+        rule,
         prefix,
         backends,
         downstream,
@@ -111,8 +111,8 @@ fn host_only(host: &str) -> String {
 }
 
 async fn serve_rule(
-    rule: Arc<RuleTarget>,
-    matched_prefix: Option<String>,
+    rule: &RuleTarget,
+    matched_prefix: Option<&str>,
     backends: Arc<BackendMap>,
     downstream: Downstream,
     host: String,
@@ -137,13 +137,7 @@ async fn serve_rule(
     }
     for filter in &rule.filters {
         if let Filter::Redirect(redirect) = filter {
-            return redirect_response(
-                redirect,
-                &request,
-                &host,
-                downstream,
-                matched_prefix.as_deref(),
-            );
+            return redirect_response(redirect, &request, &host, downstream, matched_prefix);
         }
     }
     let (mut parts, body) = request.into_parts();
@@ -162,9 +156,9 @@ async fn serve_rule(
         &rule.filters,
         &mut parts.headers,
         &mut path_and_query,
-        matched_prefix.as_deref(),
+        matched_prefix,
     );
-    let Some(backend) = pick_backend(&rule) else {
+    let Some(backend) = pick_backend(rule) else {
         return text_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the matched rule has no backend to send to\n",
@@ -174,21 +168,26 @@ async fn serve_rule(
         &backend.filters,
         &mut parts.headers,
         &mut path_and_query,
-        matched_prefix.as_deref(),
+        matched_prefix,
     );
     let Pending {
         response_filters,
         mirrors,
     } = pending;
-    parts.uri = match Uri::try_from(path_and_query.as_str()) {
-        Ok(uri) => uri,
-        Err(_) => {
-            return text_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the rewritten path is not a valid URI\n",
-            );
-        }
-    };
+    // Rebuilt only when a filter changed it or the client sent an absolute form.
+    let unchanged = parts.uri.scheme().is_none()
+        && parts.uri.path_and_query().map(|p| p.as_str()) == Some(path_and_query.as_str());
+    if !unchanged {
+        parts.uri = match Uri::try_from(path_and_query.as_str()) {
+            Ok(uri) => uri,
+            Err(_) => {
+                return text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the rewritten path is not a valid URI\n",
+                );
+            }
+        };
+    }
     let mut body = body;
     if !mirrors.is_empty() {
         body = send_mirrors(&mirrors, &backends, &parts, body).await;

@@ -10,15 +10,16 @@
 //! 1. `Exact` paths (a hash lookup),
 //! 2. `RegularExpression` paths (longest pattern first; the spec leaves their place to
 //!    implementations),
-//! 3. `PathPrefix` paths, longest first (a trie over path segments, so `/foo` matches
-//!    `/foo`, `/foo/` and `/foo/bar`, never `/foobar`),
+//! 3. `PathPrefix` paths, longest first (the path and then its prefixes at segment
+//!    boundaries, so `/foo` matches `/foo`, `/foo/` and `/foo/bar`, never `/foobar`),
 //!
 //! and among matches of one path: with a method first, then more header matches, then
 //! more query matches, then the older route (`creationTimestamp`, in standalone mode the
 //! persisted first-seen time), then namespace/name, then rule and match order.
 //!
 //! The cost of a lookup depends on the path's depth and the number of rules sharing one
-//! path, not on the number of routes.
+//! path, not on the number of routes: a hash probe for the host, then one per path
+//! prefix into a small per-host map whose entries lie side by side.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -167,13 +168,16 @@ pub struct RuleTarget {
     pub fault: Option<String>,
 }
 
-/// One match entry, with what orders it against others on the same path.
+/// One match entry. Entries of one path key are stored in precedence order, so the
+/// order itself is only needed while building (and kept out of the hot data).
 #[derive(Debug, Clone)]
 struct Entry {
-    order: Order,
     route_match: Arc<RouteMatch>,
     target: Arc<RuleTarget>,
 }
+
+/// An entry and its precedence, while a table is built.
+type Ordered = (Order, Entry);
 
 /// Precedence among entries on one path (smaller first).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -196,18 +200,34 @@ pub struct Attached {
     pub match_index: usize,
 }
 
-/// The entries of one hostname.
-#[derive(Debug, Default)]
-struct PathIndex {
-    exact: HashMap<String, Vec<Entry>>,
-    regex: Vec<(usize, Entry)>,
-    prefix: PrefixNode,
+/// Hash maps of the table: keys are configuration (route hostnames and paths), so a
+/// fast hasher is safe; requests only look up.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Where a path key's entries are in [`PathIndex::entries`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    exact: (u32, u32),
+    prefix: (u32, u32),
 }
 
+/// The entries of one hostname. Exact paths and prefixes share one small map from the
+/// path to its entries, which lie side by side in one vector: a lookup probes the map
+/// with the path and then with each of its prefixes at a segment boundary, longest first.
+/// Few cache lines per lookup, however many routes the table holds.
 #[derive(Debug, Default)]
-struct PrefixNode {
+struct PathIndex {
+    keys: FastMap<Box<str>, Slot>,
     entries: Vec<Entry>,
-    children: HashMap<String, PrefixNode>,
+    regex: Vec<Entry>,
+}
+
+/// Builds a [`PathIndex`]: entries grouped by path key before they are laid out.
+#[derive(Default)]
+struct PathIndexBuilder {
+    exact: HashMap<String, Vec<Ordered>>,
+    prefix: HashMap<String, Vec<Ordered>>,
+    regex: Vec<Ordered>,
 }
 
 /// The request facts matching needs.
@@ -219,101 +239,133 @@ pub struct RequestFacts<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// A successful lookup.
-pub struct Found {
-    pub target: Arc<RuleTarget>,
-    pub route_match: Arc<RouteMatch>,
+/// A successful lookup, borrowed from the table it was found in.
+pub struct Found<'t> {
+    pub target: &'t RuleTarget,
+    pub route_match: &'t RouteMatch,
+}
+
+impl PathIndexBuilder {
+    fn insert(&mut self, entry: Ordered) {
+        match &entry.1.route_match.path {
+            PathMatch::Exact(path) => self.exact.entry(path.clone()).or_default().push(entry),
+            PathMatch::Regex(_) => self.regex.push(entry),
+            PathMatch::Prefix(prefix) => self
+                .prefix
+                .entry(normalize_prefix(prefix))
+                .or_default()
+                .push(entry),
+        }
+    }
+
+    fn build(self) -> PathIndex {
+        let mut index = PathIndex::default();
+        let mut slots: HashMap<String, Slot> = HashMap::new();
+        let lay_out = |entries: Vec<Ordered>, index: &mut PathIndex| {
+            let mut entries = entries;
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let start = index.entries.len() as u32;
+            index.entries.extend(entries.into_iter().map(|(_, e)| e));
+            (start, index.entries.len() as u32)
+        };
+        for (path, entries) in self.exact {
+            slots.entry(path).or_default().exact = lay_out(entries, &mut index);
+        }
+        for (prefix, entries) in self.prefix {
+            slots.entry(prefix).or_default().prefix = lay_out(entries, &mut index);
+        }
+        index.keys = slots
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v))
+            .collect();
+        let mut regex = self.regex;
+        let pattern_len = |e: &Entry| match &e.route_match.path {
+            PathMatch::Regex(re) => re.as_str().len(),
+            _ => 0,
+        };
+        regex.sort_by(|a, b| {
+            pattern_len(&b.1)
+                .cmp(&pattern_len(&a.1))
+                .then_with(|| a.0.cmp(&b.0))
+        });
+        index.regex = regex.into_iter().map(|(_, e)| e).collect();
+        index
+    }
+}
+
+/// A prefix as a path key: no trailing slash, no empty segments (`/` is the empty key).
+fn normalize_prefix(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len());
+    for segment in segments(prefix) {
+        out.push('/');
+        out.push_str(segment);
+    }
+    out
 }
 
 impl PathIndex {
-    fn insert(&mut self, entry: Entry) {
-        match &entry.route_match.path {
-            PathMatch::Exact(path) => self.exact.entry(path.clone()).or_default().push(entry),
-            PathMatch::Regex(re) => {
-                let len = re.as_str().len();
-                self.regex.push((len, entry));
-            }
-            PathMatch::Prefix(prefix) => {
-                let mut node = &mut self.prefix;
-                for segment in segments(prefix) {
-                    node = node.children.entry(segment.to_string()).or_default();
-                }
-                node.entries.push(entry);
-            }
-        }
-    }
-
-    fn sort(&mut self) {
-        for entries in self.exact.values_mut() {
-            entries.sort_by(|a, b| a.order.cmp(&b.order));
-        }
-        self.regex
-            .sort_by(|(la, a), (lb, b)| lb.cmp(la).then_with(|| a.order.cmp(&b.order)));
-        fn sort_node(node: &mut PrefixNode) {
-            node.entries.sort_by(|a, b| a.order.cmp(&b.order));
-            for child in node.children.values_mut() {
-                sort_node(child);
-            }
-        }
-        sort_node(&mut self.prefix);
-    }
-
-    fn lookup(&self, facts: &RequestFacts<'_>, query: &[(String, String)]) -> Option<Found> {
-        fn hit<'e>(
-            mut entries: impl Iterator<Item = &'e Entry>,
+    fn lookup<'t>(
+        &'t self,
+        facts: &RequestFacts<'_>,
+        query: &[(String, String)],
+    ) -> Option<Found<'t>> {
+        fn hit<'t>(
+            mut entries: impl Iterator<Item = &'t Entry>,
             facts: &RequestFacts<'_>,
             query: &[(String, String)],
-        ) -> Option<Found> {
+        ) -> Option<Found<'t>> {
             entries
                 .find(|e| conditions_match(&e.route_match, facts, query))
                 .map(|e| Found {
-                    target: e.target.clone(),
-                    route_match: e.route_match.clone(),
+                    target: &e.target,
+                    route_match: &e.route_match,
                 })
         }
-        if let Some(entries) = self.exact.get(facts.path)
-            && let Some(found) = hit(entries.iter(), facts, query)
+        let slice = |(start, end): (u32, u32)| {
+            self.entries
+                .get(start as usize..end as usize)
+                .unwrap_or_default()
+        };
+        if let Some(slot) = self.keys.get(facts.path)
+            && let Some(found) = hit(slice(slot.exact).iter(), facts, query)
         {
             return Some(found);
         }
         if !self.regex.is_empty() {
-            let matching =
-                self.regex
-                    .iter()
-                    .map(|(_, e)| e)
-                    .filter(|e| match &e.route_match.path {
-                        PathMatch::Regex(re) => re.is_match(facts.path),
-                        _ => false,
-                    });
+            let matching = self.regex.iter().filter(|e| match &e.route_match.path {
+                PathMatch::Regex(re) => re.is_match(facts.path),
+                _ => false,
+            });
             if let Some(found) = hit(matching, facts, query) {
                 return Some(found);
             }
         }
-        // Walk down the trie as far as the path goes, then try the deepest node first.
-        let mut chain = vec![&self.prefix];
-        let mut node = &self.prefix;
-        for segment in segments(facts.path) {
-            match node.children.get(segment) {
-                Some(child) => {
-                    chain.push(child);
-                    node = child;
-                }
-                None => break,
-            }
+        // The path's prefixes at segment boundaries, longest first: `/a/b/` → `/a/b`,
+        // `/a`, ``. A path with empty segments is normalized first (rarely needed).
+        let normalized;
+        let mut candidate = facts.path.trim_end_matches('/');
+        if candidate.contains("//") {
+            normalized = normalize_prefix(candidate);
+            candidate = &normalized;
         }
-        chain
-            .into_iter()
-            .rev()
-            .find_map(|node| hit(node.entries.iter(), facts, query))
+        loop {
+            if let Some(slot) = self.keys.get(candidate)
+                && let Some(found) = hit(slice(slot.prefix).iter(), facts, query)
+            {
+                return Some(found);
+            }
+            if candidate.is_empty() {
+                return None;
+            }
+            candidate = candidate.rfind('/').map_or("", |i| &candidate[..i]);
+        }
     }
 }
 
-/// A path's segments after the leading slash, ignoring one trailing slash (`/a/b/` →
-/// `a`, `b`; `/` → nothing).
+/// A path's segments after the leading slash, ignoring empty ones (`/a/b/` → `a`, `b`;
+/// `/` → nothing).
 fn segments(path: &str) -> impl Iterator<Item = &str> {
-    let trimmed = path.strip_prefix('/').unwrap_or(path);
-    let trimmed = trimmed.strip_suffix('/').unwrap_or(trimmed);
-    trimmed.split('/').filter(|s| !s.is_empty())
+    path.split('/').filter(|s| !s.is_empty())
 }
 
 fn conditions_match(m: &RouteMatch, facts: &RequestFacts<'_>, query: &[(String, String)]) -> bool {
@@ -346,30 +398,36 @@ fn conditions_match(m: &RouteMatch, facts: &RequestFacts<'_>, query: &[(String, 
     true
 }
 
-/// The routes of one hostname pattern kind, for one listener.
+/// The routes of one listener, by hostname.
 #[derive(Debug, Default)]
 struct HostIndex {
-    exact: HashMap<String, PathIndex>,
+    exact: FastMap<Box<str>, u32>,
     /// Wildcard suffixes (`.example.com` for `*.example.com`), longest first.
-    wildcard: Vec<(String, PathIndex)>,
-    any: Option<PathIndex>,
+    wildcard: Vec<(Box<str>, u32)>,
+    any: Option<u32>,
+    paths: Vec<PathIndex>,
 }
 
 impl HostIndex {
-    fn lookup(&self, facts: &RequestFacts<'_>, query: &[(String, String)]) -> Option<Found> {
-        if let Some(index) = self.exact.get(facts.host)
+    fn lookup<'t>(
+        &'t self,
+        facts: &RequestFacts<'_>,
+        query: &[(String, String)],
+    ) -> Option<Found<'t>> {
+        let path = |i: u32| self.paths.get(i as usize);
+        if let Some(index) = self.exact.get(facts.host).and_then(|i| path(*i))
             && let Some(found) = index.lookup(facts, query)
         {
             return Some(found);
         }
-        for (suffix, index) in &self.wildcard {
+        for (suffix, i) in &self.wildcard {
             if wildcard_matches(suffix, facts.host)
-                && let Some(found) = index.lookup(facts, query)
+                && let Some(found) = path(*i).and_then(|index| index.lookup(facts, query))
             {
                 return Some(found);
             }
         }
-        self.any.as_ref()?.lookup(facts, query)
+        path(self.any?)?.lookup(facts, query)
     }
 }
 
@@ -398,44 +456,51 @@ impl ListenerTable {
         hostname: Option<String>,
         attached: Vec<(Option<String>, Attached)>,
     ) -> Self {
-        let mut routes = HostIndex::default();
-        let mut wildcard: HashMap<String, PathIndex> = HashMap::new();
+        let mut exact: HashMap<String, PathIndexBuilder> = HashMap::new();
+        let mut wildcard: HashMap<String, PathIndexBuilder> = HashMap::new();
+        let mut any: Option<PathIndexBuilder> = None;
         for (host, a) in attached {
             let m = &a.route_match;
+            let order = Order {
+                no_method: m.method.is_none(),
+                fewer_headers: std::cmp::Reverse(m.headers.len()),
+                fewer_query: std::cmp::Reverse(m.query.len()),
+                created: a.created,
+                route: a.target.route.clone(),
+                rule: a.target.rule,
+                match_index: a.match_index,
+            };
             let entry = Entry {
-                order: Order {
-                    no_method: m.method.is_none(),
-                    fewer_headers: std::cmp::Reverse(m.headers.len()),
-                    fewer_query: std::cmp::Reverse(m.query.len()),
-                    created: a.created,
-                    route: a.target.route.clone(),
-                    rule: a.target.rule,
-                    match_index: a.match_index,
-                },
                 route_match: a.route_match,
                 target: a.target,
             };
-            let index = match host {
-                None => routes.any.get_or_insert_with(Default::default),
+            let builder = match host {
+                None => any.get_or_insert_with(Default::default),
                 Some(h) => match h.strip_prefix('*') {
                     Some(suffix) => wildcard.entry(suffix.to_string()).or_default(),
-                    None => routes.exact.entry(h).or_default(),
+                    None => exact.entry(h).or_default(),
                 },
             };
-            index.insert(entry);
+            builder.insert((order, entry));
         }
-        routes.wildcard = wildcard.into_iter().collect();
-        routes
-            .wildcard
-            .sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
-        for index in routes.exact.values_mut() {
-            index.sort();
+        let mut routes = HostIndex::default();
+        for (host, builder) in exact {
+            routes
+                .exact
+                .insert(host.into_boxed_str(), routes.paths.len() as u32);
+            routes.paths.push(builder.build());
         }
-        for (_, index) in routes.wildcard.iter_mut() {
-            index.sort();
+        let mut wildcards: Vec<(String, PathIndexBuilder)> = wildcard.into_iter().collect();
+        wildcards.sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        for (suffix, builder) in wildcards {
+            routes
+                .wildcard
+                .push((suffix.into_boxed_str(), routes.paths.len() as u32));
+            routes.paths.push(builder.build());
         }
-        if let Some(index) = routes.any.as_mut() {
-            index.sort();
+        if let Some(builder) = any {
+            routes.any = Some(routes.paths.len() as u32);
+            routes.paths.push(builder.build());
         }
         Self {
             gateway,
@@ -504,7 +569,7 @@ impl PortTable {
     }
 
     /// The rule serving a request, if any.
-    pub fn lookup(&self, facts: &RequestFacts<'_>) -> Option<Found> {
+    pub fn lookup(&self, facts: &RequestFacts<'_>) -> Option<Found<'_>> {
         let listener = self.listener(facts.host)?;
         let query = parse_query(facts.query);
         listener.routes.lookup(facts, &query)
@@ -627,6 +692,11 @@ mod tests {
         assert_eq!(lookup(&table, "x", "/foo/baz").as_deref(), Some("b#0"));
         assert_eq!(lookup(&table, "x", "/foo").as_deref(), Some("b#0"));
         assert_eq!(lookup(&table, "x", "/foobar").as_deref(), Some("a#0"));
+        // Empty segments and trailing slashes do not change which prefix matches.
+        assert_eq!(lookup(&table, "x", "/foo//bar/x").as_deref(), Some("d#0"));
+        assert_eq!(lookup(&table, "x", "//foo").as_deref(), Some("b#0"));
+        assert_eq!(lookup(&table, "x", "/foo/bar//").as_deref(), Some("d#0"));
+        assert_eq!(lookup(&table, "x", "").as_deref(), Some("a#0"));
     }
 
     #[test]
