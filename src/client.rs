@@ -31,16 +31,24 @@ pub enum Resource {
     Gateways,
     #[value(alias = "httproute")]
     Httproutes,
+    #[value(alias = "service", alias = "svc")]
+    Services,
+    #[value(alias = "ep")]
+    Endpoints,
 }
 
 impl Resource {
-    /// The plural in the API path, and the kind of one item.
-    fn gateway_api(self) -> Option<(&'static str, &'static str)> {
+    /// The API group path and plural of the list on the kubelet endpoint, and the kind of
+    /// one item (pods have their own path and printer).
+    fn api_path(self) -> Option<(&'static str, &'static str, &'static str)> {
+        const GATEWAY: &str = "/apis/gateway.networking.k8s.io/v1";
         match self {
             Resource::Pods => None,
-            Resource::Gatewayclasses => Some(("gatewayclasses", "GatewayClass")),
-            Resource::Gateways => Some(("gateways", "Gateway")),
-            Resource::Httproutes => Some(("httproutes", "HTTPRoute")),
+            Resource::Gatewayclasses => Some((GATEWAY, "gatewayclasses", "GatewayClass")),
+            Resource::Gateways => Some((GATEWAY, "gateways", "Gateway")),
+            Resource::Httproutes => Some((GATEWAY, "httproutes", "HTTPRoute")),
+            Resource::Services => Some(("/api/v1", "services", "Service")),
+            Resource::Endpoints => Some(("/api/v1", "endpoints", "Endpoints")),
         }
     }
 }
@@ -140,8 +148,8 @@ async fn fetch_pods(node: SocketAddr) -> anyhow::Result<Vec<Pod>> {
 }
 
 pub async fn get(args: GetArgs) -> anyhow::Result<()> {
-    if let Some((plural, kind)) = args.resource.gateway_api() {
-        return get_gateway_objects(args, plural, kind).await;
+    if let Some((group, plural, kind)) = args.resource.api_path() {
+        return get_objects(args, group, plural, kind).await;
     }
     let mut pods: Vec<Pod> = fetch_pods(args.node)
         .await?
@@ -178,17 +186,15 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gateway API objects with the status the node's data plane computed.
-async fn get_gateway_objects(args: GetArgs, plural: &str, kind: &str) -> anyhow::Result<()> {
-    let body = fetch(
-        args.node,
-        &format!("/apis/gateway.networking.k8s.io/v1/{plural}"),
-    )
-    .await?
-    .into_body()
-    .collect()
-    .await?
-    .to_bytes();
+/// Gateway API objects with the status the node's data plane computed, and Services
+/// with their local Endpoints.
+async fn get_objects(args: GetArgs, group: &str, plural: &str, kind: &str) -> anyhow::Result<()> {
+    let body = fetch(args.node, &format!("{group}/{plural}"))
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
     let list: serde_json::Value = serde_json::from_slice(&body)
         .with_context(|| format!("the node sent an invalid {kind}List"))?;
     let cluster_scoped = args.resource == Resource::Gatewayclasses;
@@ -246,7 +252,7 @@ async fn get_gateway_objects(args: GetArgs, plural: &str, kind: &str) -> anyhow:
             write!(
                 out,
                 "{}",
-                table::gateway_objects(args.resource, &items, with_namespace)
+                table::objects(args.resource, &items, with_namespace)
             )?;
         }
     }

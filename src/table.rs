@@ -73,8 +73,9 @@ fn condition_status(conditions: Option<&serde_json::Value>, type_: &str) -> Stri
         .to_string()
 }
 
-/// Gateway API objects with the printer columns of their CRDs.
-pub fn gateway_objects(
+/// Gateway API objects with the printer columns of their CRDs, Services and Endpoints
+/// with kubectl's.
+pub fn objects(
     resource: crate::client::Resource,
     items: &[serde_json::Value],
     with_namespace: bool,
@@ -94,8 +95,24 @@ pub fn gateway_objects(
     let mut header: Vec<&str> = match resource {
         Resource::Gatewayclasses => vec!["NAME", "CONTROLLER", "ACCEPTED", "AGE"],
         Resource::Gateways => vec!["NAME", "CLASS", "ADDRESS", "PROGRAMMED", "AGE"],
+        Resource::Services => vec![
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE",
+        ],
+        Resource::Endpoints => vec!["NAME", "ENDPOINTS", "AGE"],
         _ => vec!["NAME", "HOSTNAMES", "AGE"],
     };
+    let list =
+        |v: &serde_json::Value, pointer: &str, each: &dyn Fn(&serde_json::Value) -> String| {
+            v.pointer(pointer)
+                .and_then(|a| a.as_array())
+                .map(|a| a.iter().map(each).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
     if with_namespace {
         header.insert(0, "NAMESPACE");
     }
@@ -115,6 +132,39 @@ pub fn gateway_objects(
                 condition_status(item.pointer("/status/conditions"), "Programmed"),
                 age(created(item)),
             ],
+            // Brink gives Services no virtual IP: the gateway reaches their pods.
+            Resource::Services => vec![
+                text(item, "/metadata/name"),
+                text(item, "/spec/type"),
+                "<none>".into(),
+                "<none>".into(),
+                list(item, "/spec/ports", &|p| {
+                    format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("TCP"))
+                })
+                .join(","),
+                age(created(item)),
+            ],
+            // Pods have no IP of their own here: an endpoint is shown as pod:port.
+            Resource::Endpoints => {
+                let mut endpoints = Vec::new();
+                for subset in item
+                    .pointer("/subsets")
+                    .and_then(|s| s.as_array())
+                    .into_iter()
+                    .flatten()
+                {
+                    let port = subset.pointer("/ports/0/port").cloned().unwrap_or_default();
+                    for address in list(subset, "/addresses", &|a| text(a, "/targetRef/name")) {
+                        endpoints.push(format!("{address}:{port}"));
+                    }
+                }
+                let shown = if endpoints.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    endpoints.join(",")
+                };
+                vec![text(item, "/metadata/name"), shown, age(created(item))]
+            }
             _ => vec![
                 text(item, "/metadata/name"),
                 item.pointer("/spec/hostnames")

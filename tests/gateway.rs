@@ -961,6 +961,16 @@ fn backends_are_weighted_and_failures_get_the_specs_codes() {
     );
     site.wait_route(INFRA, "empty", "ResolvedRefs", "True", "ResolvedRefs");
     eventually(s, "empty.example", "/", &[], 503);
+    // What an operator looks at when a route answers 503: the Service and its endpoints.
+    let table = stdout(&site.node.brink(&["get", "endpoints", "-n", INFRA]));
+    assert!(has_row(&table, "nobody", "<none>"), "{table}");
+    assert!(
+        has_row(&table, "infra-backend-v1", "infra-backend-v1:8080"),
+        "{table}"
+    );
+    let table = stdout(&site.node.brink(&["get", "svc", "-n", INFRA]));
+    assert!(has_row(&table, "nobody", "ClusterIP"), "{table}");
+    assert!(has_row(&table, "nobody", "8080/TCP"), "{table}");
 
     // One valid and one invalid backend (cross-namespace, no ReferenceGrant): the invalid
     // one's share of requests gets 500, the rest are served.

@@ -33,6 +33,7 @@ pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Agent>) {
             "/apis/gateway.networking.k8s.io/v1/{kind}",
             get(gateway_objects),
         )
+        .route("/api/v1/{kind}", get(core_objects))
         .with_state(agent);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "kubelet endpoint failed");
@@ -91,6 +92,39 @@ async fn gateway_objects(State(agent): State<Arc<Agent>>, Path(kind): Path<Strin
     let list = serde_json::json!({
         "kind": format!("{item_kind}List"), "apiVersion": "gateway.networking.k8s.io/v1", "metadata": {},
         "items": items,
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        list.to_string(),
+    )
+        .into_response()
+}
+
+/// Services and their local Endpoints, as the data plane sees them.
+async fn core_objects(State(agent): State<Arc<Agent>>, Path(kind): Path<String>) -> Response {
+    let gateway = &agent.ctx.gateway;
+    let (item_kind, items) = match kind.as_str() {
+        "services" => ("Service", serde_json::to_value(&gateway.view().services)),
+        "endpoints" => ("Endpoints", serde_json::to_value(gateway.endpoints())),
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("the server could not find the requested resource {other:?}"),
+            );
+        }
+    };
+    let mut items = match items {
+        Ok(items) => items,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    for item in items.as_array_mut().into_iter().flatten() {
+        if let Some(map) = item.as_object_mut() {
+            map.insert("apiVersion".into(), "v1".into());
+            map.insert("kind".into(), item_kind.into());
+        }
+    }
+    let list = serde_json::json!({
+        "kind": format!("{item_kind}List"), "apiVersion": "v1", "metadata": {}, "items": items,
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

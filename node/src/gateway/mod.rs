@@ -59,6 +59,7 @@ pub struct StatusView {
     pub classes: Vec<GatewayClass>,
     pub gateways: Vec<Gateway>,
     pub routes: Vec<HttpRoute>,
+    pub services: Vec<k8s_openapi::api::core::v1::Service>,
 }
 
 /// The node's gateway data plane.
@@ -99,6 +100,70 @@ impl DataPlane {
     /// The objects with their status.
     pub fn view(&self) -> Arc<StatusView> {
         self.view.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Every Service's ready local endpoints, as `v1` Endpoints (pods have no IP of their
+    /// own here: each address is the node's, with the pod as its `targetRef`).
+    pub fn endpoints(&self) -> Vec<k8s_openapi::api::core::v1::Endpoints> {
+        use k8s_openapi::api::core::v1::{
+            EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference,
+        };
+        let view = self.view();
+        let backends = self.shared.backends.load();
+        view.services
+            .iter()
+            .map(|service| {
+                let key = brink_proto::manifest::object_key(&service.metadata);
+                let ports = service
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.ports.clone())
+                    .unwrap_or_default();
+                let subsets: Vec<EndpointSubset> = ports
+                    .iter()
+                    .filter_map(|port| {
+                        let set = backends.get(&(key.clone(), u16::try_from(port.port).ok()?))?;
+                        (!set.endpoints.is_empty()).then(|| EndpointSubset {
+                            addresses: Some(
+                                set.endpoints
+                                    .iter()
+                                    .map(|e| {
+                                        let (namespace, name) =
+                                            e.pod.split_once('/').unwrap_or(("", &e.pod));
+                                        EndpointAddress {
+                                            ip: self.settings.advertise_address.to_string(),
+                                            target_ref: Some(ObjectReference {
+                                                kind: Some("Pod".into()),
+                                                namespace: Some(namespace.into()),
+                                                name: Some(name.into()),
+                                                ..Default::default()
+                                            }),
+                                            ..Default::default()
+                                        }
+                                    })
+                                    .collect(),
+                            ),
+                            ports: Some(vec![EndpointPort {
+                                name: port.name.clone(),
+                                port: port.port,
+                                protocol: port.protocol.clone(),
+                                ..Default::default()
+                            }]),
+                            ..Default::default()
+                        })
+                    })
+                    .collect();
+                Endpoints {
+                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: service.metadata.name.clone(),
+                        namespace: service.metadata.namespace.clone(),
+                        creation_timestamp: service.metadata.creation_timestamp.clone(),
+                        ..Default::default()
+                    },
+                    subsets: (!subsets.is_empty()).then_some(subsets),
+                }
+            })
+            .collect()
     }
 
     /// Runs until `shutdown` resolves, rebuilding on every change; then closes the ports.
@@ -226,7 +291,10 @@ fn build_view(
     let key = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
         brink_proto::manifest::object_key(m)
     };
-    let mut view = StatusView::default();
+    let mut view = StatusView {
+        services: objects.services.values().cloned().collect(),
+        ..StatusView::default()
+    };
     for (name, class) in &objects.classes {
         let mut class = class.clone();
         if let Some(mut status) = compiled.classes.get(name).cloned() {
