@@ -393,6 +393,10 @@ fn status_reports_attachment_and_references_with_the_specs_reasons() {
         condition(&class["status"]["conditions"], "Accepted")["status"],
         "True"
     );
+    assert_eq!(
+        condition(&class["status"]["conditions"], "SupportedVersion")["status"],
+        "True"
+    );
     let gw = site.wait_gateway_programmed("same-namespace");
     assert_eq!(
         condition(&gw["status"]["conditions"], "Accepted")["reason"],

@@ -177,7 +177,19 @@ pub fn compile(inputs: &Inputs<'_>) -> Compiled {
             (
                 ok,
                 GatewayClassStatus {
-                    conditions: Some(vec![accepted]),
+                    conditions: Some(vec![
+                        accepted,
+                        // No CRDs to read standalone: the types are built in, so the
+                        // version is always one Brink serves.
+                        condition(
+                            "SupportedVersion",
+                            true,
+                            "SupportedVersion",
+                            "Gateway API v1 types are built into Brink",
+                            class.metadata.generation,
+                            now,
+                        ),
+                    ]),
                     supported_features: None,
                 },
             ),
