@@ -249,12 +249,16 @@ fn hello_gateway(port: u16) -> String {
 fn gateway(seconds: u32, connections: u32) {
     let layout = tempfile::tempdir().expect("tempdir");
     let hello = layout_image(layout.path(), "hello");
-    let node = Node::start_with(&[
+    // BENCH_GATEWAY_FLAGS: extra node flags, to compare settings in one binary.
+    let extra = std::env::var("BENCH_GATEWAY_FLAGS").unwrap_or_default();
+    let mut flags = vec![
         "--request-deadline",
         "10s",
         "--gateway-address",
         "127.0.0.1",
-    ]);
+    ];
+    flags.extend(extra.split_whitespace());
+    let node = Node::start_with(&flags);
     let (host_port, gateway_port) = (free_port(), free_port());
     let pod = service_pod("hello", &hello, host_port, &[]).replace(
         "metadata:\n  name: hello\n",

@@ -108,6 +108,16 @@ pub struct NodeFlags {
     /// How long a gateway port that closes gives its open connections to finish.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     gateway_drain: std::time::Duration,
+    /// How long an HTTP/1.1 client of a gateway port may take to send its headers (0s: no
+    /// limit).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    gateway_header_read_timeout: std::time::Duration,
+    /// How long a TLS handshake on an HTTPS gateway port may take.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    gateway_tls_handshake_timeout: std::time::Duration,
+    /// The most header bytes a request to a gateway port may carry (8 KiB at least).
+    #[arg(long, default_value_t = 64 << 10)]
+    gateway_max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -212,6 +222,17 @@ impl NodeFlags {
         s.gateway_controller_name = self.gateway_controller_name.clone();
         s.gateway_address = self.gateway_address;
         s.gateway_drain = self.gateway_drain;
+        anyhow::ensure!(
+            !self.gateway_tls_handshake_timeout.is_zero(),
+            "--gateway-tls-handshake-timeout must be positive"
+        );
+        anyhow::ensure!(
+            (8 << 10..=16 << 20).contains(&self.gateway_max_header_bytes),
+            "--gateway-max-header-bytes must be between 8 KiB and 16 MiB"
+        );
+        s.gateway_header_read_timeout = self.gateway_header_read_timeout;
+        s.gateway_tls_handshake_timeout = self.gateway_tls_handshake_timeout;
+        s.gateway_max_header_bytes = self.gateway_max_header_bytes;
         Ok(s)
     }
 }

@@ -122,11 +122,20 @@ fn node_refuses_bad_flags_before_doing_anything() {
         &["node", "--manifests", "/nonexistent", "--data-dir", data],
         "not a directory",
     );
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--node-name", "Bad_Name"], "not a valid node name"),
         (&["--epoch-tick", "0s"], "--epoch-tick"),
         (&["--request-deadline", "soon"], "request-deadline"),
         (&["--max-instances", "0"], "--max-instances"),
+        (
+            &["--gateway-max-header-bytes", "10"],
+            "--gateway-max-header-bytes",
+        ),
+        (
+            &["--gateway-controller-name", "nope"],
+            "--gateway-controller-name",
+        ),
+        (&["--gateway-address", "not-an-ip"], "gateway-address"),
     ];
     for (flags, needle) in cases {
         let mut args = vec!["node", "--manifests", manifests, "--data-dir", data];

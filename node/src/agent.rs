@@ -160,7 +160,13 @@ impl Agent {
                 controller_name: settings.gateway_controller_name.clone(),
                 bind_address: settings.gateway_address,
                 advertise_address,
-                drain: settings.gateway_drain,
+                limits: crate::gateway::listeners::ConnectionLimits {
+                    drain: settings.gateway_drain,
+                    header_read_timeout: Some(settings.gateway_header_read_timeout)
+                        .filter(|t| !t.is_zero()),
+                    tls_handshake_timeout: settings.gateway_tls_handshake_timeout,
+                    max_header_bytes: settings.gateway_max_header_bytes,
+                },
                 state_dir: settings.data_dir.join("gateway"),
             },
             metrics.clone(),

@@ -93,6 +93,14 @@ pub struct NodeSettings {
     /// How long a gateway port that closes (its Gateway changed or went) gives open
     /// connections to finish.
     pub gateway_drain: Duration,
+    /// How long an HTTP/1.1 client of a gateway port may take to send a request's headers
+    /// (slow clients must not hold connections for free); zero: no limit.
+    pub gateway_header_read_timeout: Duration,
+    /// How long a TLS handshake on an HTTPS gateway port may take.
+    pub gateway_tls_handshake_timeout: Duration,
+    /// The most header bytes a request to a gateway port may carry; more is refused
+    /// (431) before any route or guest sees it.
+    pub gateway_max_header_bytes: usize,
 }
 
 impl NodeSettings {
@@ -133,6 +141,9 @@ impl NodeSettings {
             gateway_controller_name: crate::gateway::DEFAULT_CONTROLLER_NAME.into(),
             gateway_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             gateway_drain: Duration::from_secs(10),
+            gateway_header_read_timeout: Duration::from_secs(30),
+            gateway_tls_handshake_timeout: Duration::from_secs(10),
+            gateway_max_header_bytes: 64 << 10,
         }
     }
 }

@@ -73,30 +73,33 @@ struct OpenPort {
     task: JoinHandle<()>,
 }
 
-/// The most header bytes a request may carry (HTTP/1.1 read buffer, HTTP/2 header list):
-/// more is refused by the server before any route or guest sees it.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-
-/// How long an HTTP/1.1 client may take to send a request's headers (slow clients must
-/// not hold connections open for free).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a TLS handshake may take before the connection is dropped.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How every gateway port treats its connections (from the node's settings).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// How long a closing port gives open connections to finish.
+    pub drain: Duration,
+    /// How long an HTTP/1.1 client may take to send a request's headers (None: no limit).
+    pub header_read_timeout: Option<Duration>,
+    /// How long a TLS handshake may take before the connection is dropped.
+    pub tls_handshake_timeout: Duration,
+    /// The most header bytes a request may carry (HTTP/1.1 read buffer, HTTP/2 header
+    /// list): more is refused before any route or guest sees it.
+    pub max_header_bytes: usize,
+}
 
 /// The open gateway ports.
 pub struct Listeners {
     address: IpAddr,
-    drain: Duration,
+    limits: ConnectionLimits,
     shared: Arc<Shared>,
     open: HashMap<u16, OpenPort>,
 }
 
 impl Listeners {
-    pub fn new(address: IpAddr, drain: Duration, shared: Arc<Shared>) -> Self {
+    pub fn new(address: IpAddr, limits: ConnectionLimits, shared: Arc<Shared>) -> Self {
         Self {
             address,
-            drain,
+            limits,
             shared,
             open: HashMap::new(),
         }
@@ -118,7 +121,7 @@ impl Listeners {
             if let Some(mut open) = self.open.remove(&port) {
                 tracing::info!(port, "closing gateway port");
                 if let Some(stop) = open.stop.take() {
-                    let _ = stop.send(self.drain);
+                    let _ = stop.send(self.limits.drain);
                 }
                 // Draining happens in the port's own task; no need to wait for it here.
             }
@@ -168,6 +171,7 @@ impl Listeners {
             let task = tokio::spawn(serve(
                 listener,
                 tls,
+                self.limits,
                 Downstream {
                     port: *port,
                     https: p.table.protocol == Protocol::Https,
@@ -195,7 +199,7 @@ impl Listeners {
             .drain()
             .map(|(_, mut open)| {
                 if let Some(stop) = open.stop.take() {
-                    let _ = stop.send(self.drain);
+                    let _ = stop.send(self.limits.drain);
                 }
                 open.task
             })
@@ -209,20 +213,22 @@ impl Listeners {
 async fn serve(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ConnectionLimits,
     downstream: Downstream,
     shared: Arc<Shared>,
     mut stop: oneshot::Receiver<Duration>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's smallest read buffer is 8 KiB.
     builder
         .http1()
-        .max_buf_size(MAX_HEADER_BYTES)
+        .max_buf_size(limits.max_header_bytes.max(8192))
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout);
     builder
         .http2()
-        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let grace = loop {
         tokio::select! {
@@ -277,7 +283,7 @@ async fn serve(
                         let builder = builder.clone();
                         let watcher = graceful.watcher();
                         tokio::spawn(async move {
-                            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            let stream = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => s,
                                 Ok(Err(e)) => {
                                     tracing::debug!(%peer, error = %e, "TLS handshake failed");

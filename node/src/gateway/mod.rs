@@ -21,7 +21,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use gateway_api::gatewayclasses::GatewayClass;
@@ -47,8 +46,9 @@ pub struct GatewaySettings {
     pub bind_address: IpAddr,
     /// The address written into Gateways' `status.addresses`.
     pub advertise_address: IpAddr,
-    /// How long a closing port gives its connections to finish.
-    pub drain: Duration,
+    /// How gateway ports treat connections: drain, header and handshake deadlines, header
+    /// size.
+    pub limits: listeners::ConnectionLimits,
     /// Where object ages and generations are kept.
     pub state_dir: PathBuf,
 }
@@ -176,7 +176,7 @@ impl DataPlane {
         let mut endpoints_rx = self.endpoints.subscribe();
         let mut ports = listeners::Listeners::new(
             self.settings.bind_address,
-            self.settings.drain,
+            self.settings.limits,
             self.shared.clone(),
         );
         let mut stamps = match objects::Stamps::open(&self.settings.state_dir) {
