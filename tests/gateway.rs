@@ -1672,3 +1672,54 @@ fn requests_in_flight_finish_when_their_route_or_gateway_goes() {
         (200, "infra-backend-v1".to_string())
     );
 }
+
+#[test]
+fn a_certificate_edit_is_served_without_a_restart() {
+    let site = Site::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old_cert, old_key) = certificate(&["live.example"]);
+    let (new_cert, new_key) = certificate(&["live.example"]);
+    let (old_ca, new_ca) = (dir.path().join("old.pem"), dir.path().join("new.pem"));
+    std::fs::write(&old_ca, &old_cert).expect("old ca");
+    std::fs::write(&new_ca, &new_cert).expect("new ca");
+    let port = free_port();
+    let gateway = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: live-tls\n  namespace: {INFRA}\nspec:\n  gatewayClassName: brink\n  listeners:\n  - {{name: https, port: {port}, protocol: HTTPS, tls: {{certificateRefs: [{{name: live-cert}}]}}}}\n---\n{}",
+        route(
+            INFRA,
+            "live-tls",
+            "live-tls",
+            "  rules:\n  - backendRefs: [{name: infra-backend-v1, port: 8080}]\n"
+        )
+    );
+    site.node.write_manifest("live-tls.yaml", &gateway);
+    site.node.write_manifest(
+        "cert.yaml",
+        &tls_secret(INFRA, "live-cert", &old_cert, &old_key),
+    );
+    site.accepted(INFRA, "live-tls");
+    let resolve = format!("live.example:{port}:127.0.0.1");
+    let url = format!("https://live.example:{port}/");
+    let with_ca = |ca: &std::path::Path| {
+        curl(&[
+            "--cacert",
+            ca.to_str().expect("utf-8"),
+            "--resolve",
+            &resolve,
+            &url,
+        ])
+        .0
+    };
+    wait_for("the first certificate served", || {
+        (with_ca(&old_ca) == 200).then_some(())
+    });
+    // The Secret is replaced; the port stays open and serves the new certificate.
+    site.node.write_manifest(
+        "cert.yaml",
+        &tls_secret(INFRA, "live-cert", &new_cert, &new_key),
+    );
+    wait_for("the new certificate served", || {
+        (with_ca(&new_ca) == 200).then_some(())
+    });
+    assert_ne!(with_ca(&old_ca), 200, "the old certificate must be gone");
+}
