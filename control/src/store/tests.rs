@@ -1,0 +1,316 @@
+use super::*;
+
+fn create(key: &str, data: &str) -> Op {
+    Op::Create {
+        key: key.into(),
+        data: data.into(),
+    }
+}
+
+fn update(key: &str, data: &str, expect_mod: Option<u64>) -> Op {
+    Op::Update {
+        key: key.into(),
+        data: data.into(),
+        expect_mod,
+    }
+}
+
+fn delete(key: &str, expect_mod: Option<u64>) -> Op {
+    Op::Delete {
+        key: key.into(),
+        expect_mod,
+    }
+}
+
+fn cmd(ops: Vec<Op>) -> Command {
+    Command { ops }
+}
+
+fn open() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("store")).expect("open");
+    (dir, store)
+}
+
+#[test]
+fn revisions_follow_the_raft_index_of_writes() {
+    let (_dir, s) = open();
+    assert_eq!(
+        s.apply(3, &cmd(vec![create("/pods/a", "1")])).unwrap(),
+        Applied::Done { revision: 3 }
+    );
+    let a = s.get(b"/pods/a").unwrap().unwrap();
+    assert_eq!((a.create_revision, a.mod_revision, a.version), (3, 3, 1));
+    s.apply(5, &cmd(vec![update("/pods/a", "2", Some(3))]))
+        .unwrap();
+    let a = s.get(b"/pods/a").unwrap().unwrap();
+    assert_eq!(
+        (
+            a.create_revision,
+            a.mod_revision,
+            a.version,
+            a.data.as_slice()
+        ),
+        (3, 5, 2, &b"2"[..])
+    );
+    // A refused write moves the applied index, not the revision.
+    assert_eq!(
+        s.apply(6, &cmd(vec![create("/pods/a", "x")])).unwrap(),
+        Applied::Refused(Refusal::AlreadyExists { op: 0 })
+    );
+    assert_eq!((s.applied_index().unwrap(), s.revision().unwrap()), (6, 5));
+}
+
+#[test]
+fn compare_and_set_refuses_stale_writers() {
+    let (_dir, s) = open();
+    s.apply(1, &cmd(vec![create("/k", "v1")])).unwrap();
+    s.apply(2, &cmd(vec![update("/k", "v2", Some(1))])).unwrap();
+    assert_eq!(
+        s.apply(3, &cmd(vec![update("/k", "lost", Some(1))]))
+            .unwrap(),
+        Applied::Refused(Refusal::Conflict {
+            op: 0,
+            actual_mod: 2
+        })
+    );
+    assert_eq!(
+        s.apply(4, &cmd(vec![delete("/k", Some(1))])).unwrap(),
+        Applied::Refused(Refusal::Conflict {
+            op: 0,
+            actual_mod: 2
+        })
+    );
+    assert_eq!(
+        s.apply(5, &cmd(vec![update("/missing", "x", None)]))
+            .unwrap(),
+        Applied::Refused(Refusal::NotFound { op: 0 })
+    );
+    assert_eq!(s.get(b"/k").unwrap().unwrap().data, b"v2");
+    s.apply(6, &cmd(vec![delete("/k", Some(2))])).unwrap();
+    assert_eq!(s.get(b"/k").unwrap(), None);
+    // Created again: a new life, a new create revision.
+    s.apply(7, &cmd(vec![create("/k", "again")])).unwrap();
+    let k = s.get(b"/k").unwrap().unwrap();
+    assert_eq!((k.create_revision, k.version), (7, 1));
+}
+
+#[test]
+fn transactions_are_all_or_nothing() {
+    let (_dir, s) = open();
+    s.apply(1, &cmd(vec![create("/pods/p", "unbound")]))
+        .unwrap();
+    // A binding: the pod's update and the binding's create together; the second op
+    // fails, so neither happens.
+    s.apply(2, &cmd(vec![create("/bindings/p", "node-a")]))
+        .unwrap();
+    let refused = s
+        .apply(
+            3,
+            &cmd(vec![
+                update("/pods/p", "bound to b", Some(1)),
+                create("/bindings/p", "node-b"),
+            ]),
+        )
+        .unwrap();
+    assert_eq!(refused, Applied::Refused(Refusal::AlreadyExists { op: 1 }));
+    assert_eq!(s.get(b"/pods/p").unwrap().unwrap().data, b"unbound");
+    assert!(
+        s.events_after(b"", 2, 0).unwrap().is_empty(),
+        "no event for a refused txn"
+    );
+    // The same key twice, or nothing at all, is refused outright.
+    for (index, bad) in [
+        (4, cmd(vec![create("/x", "1"), delete("/x", None)])),
+        (5, cmd(vec![])),
+    ] {
+        assert!(matches!(
+            s.apply(index, &bad).unwrap(),
+            Applied::Refused(Refusal::Invalid { .. })
+        ));
+    }
+}
+
+#[test]
+fn replays_after_a_restart_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store");
+    {
+        let s = Store::open(&path).unwrap();
+        s.apply(1, &cmd(vec![create("/a", "1")])).unwrap();
+        s.apply(2, &cmd(vec![update("/a", "2", None)])).unwrap();
+        s.flush().unwrap();
+    }
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.applied_index().unwrap(), 2);
+    // raft hands the last entries again: they were applied, so nothing moves.
+    assert_eq!(
+        s.apply(2, &cmd(vec![update("/a", "2", None)])).unwrap(),
+        Applied::AlreadyApplied
+    );
+    assert_eq!(
+        s.apply(1, &cmd(vec![create("/a", "1")])).unwrap(),
+        Applied::AlreadyApplied
+    );
+    let a = s.get(b"/a").unwrap().unwrap();
+    assert_eq!((a.version, a.mod_revision), (2, 2));
+    assert_eq!(s.events_after(b"/", 0, 0).unwrap().len(), 2);
+}
+
+#[test]
+fn ranges_page_by_prefix_in_key_order() {
+    let (_dir, s) = open();
+    let mut index = 0;
+    for name in ["c", "a", "e", "b", "d"] {
+        index += 1;
+        s.apply(
+            index,
+            &cmd(vec![create(&format!("/pods/default/{name}"), name)]),
+        )
+        .unwrap();
+    }
+    s.apply(9, &cmd(vec![create("/pods2/x", "other prefix")]))
+        .unwrap();
+    let first = s.range(b"/pods/", 2, None).unwrap();
+    let names = |p: &Page| -> Vec<String> {
+        p.items
+            .iter()
+            .map(|(_, v)| String::from_utf8_lossy(&v.data).into_owned())
+            .collect()
+    };
+    assert_eq!(names(&first), ["a", "b"]);
+    assert_eq!(first.revision, 9);
+    let token = first.continue_token.clone().expect("more follow");
+    let second = s.range(b"/pods/", 2, Some(&token)).unwrap();
+    assert_eq!(names(&second), ["c", "d"]);
+    let third = s
+        .range(b"/pods/", 2, second.continue_token.as_deref())
+        .unwrap();
+    assert_eq!(names(&third), ["e"]);
+    assert_eq!(third.continue_token, None);
+    assert_eq!(s.range(b"/pods/", 0, None).unwrap().items.len(), 5);
+    // Garbage tokens, and tokens from another prefix, are refused.
+    for bad in ["", "x", "9.zz", "9.abc", "-1.00", "9.2f706f647332"] {
+        assert!(
+            matches!(
+                s.range(b"/pods/", 2, Some(bad)),
+                Err(StoreError::BadContinue)
+            ),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn watches_see_every_change_in_order_until_compacted() {
+    let (_dir, s) = open();
+    s.apply(1, &cmd(vec![create("/pods/a", "1")])).unwrap();
+    s.apply(2, &cmd(vec![create("/nodes/n", "1")])).unwrap();
+    s.apply(
+        3,
+        &cmd(vec![update("/pods/a", "2", None), create("/pods/b", "1")]),
+    )
+    .unwrap();
+    s.apply(4, &cmd(vec![delete("/pods/a", None)])).unwrap();
+    let events = s.events_after(b"/pods/", 0, 0).unwrap();
+    let seen: Vec<(u64, String, bool)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.revision,
+                String::from_utf8_lossy(&e.key).into_owned(),
+                matches!(e.kind, EventKind::Put(_)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "/pods/a".into(), true),
+            (3, "/pods/a".into(), true),
+            (3, "/pods/b".into(), true),
+            (4, "/pods/a".into(), false)
+        ]
+    );
+    // A delete carries the last value.
+    let EventKind::Delete(last) = &events[3].kind else {
+        panic!("not a delete")
+    };
+    assert_eq!(last.data, b"2");
+    assert_eq!(s.events_after(b"/pods/", 3, 0).unwrap().len(), 1);
+    assert_eq!(s.events_after(b"/pods/", 0, 2).unwrap().len(), 2);
+
+    s.compact(3).unwrap();
+    assert_eq!(s.compacted().unwrap(), 3);
+    // After 2 means from 3: still all there. After 1 needs 2: gone.
+    assert_eq!(s.events_after(b"/pods/", 2, 0).unwrap().len(), 3);
+    assert!(matches!(
+        s.events_after(b"/pods/", 1, 0),
+        Err(StoreError::Gone {
+            asked: 1,
+            compacted: 3
+        })
+    ));
+    // Compaction never runs ahead of the store, nor backwards.
+    s.compact(100).unwrap();
+    assert_eq!(s.compacted().unwrap(), 4);
+    s.compact(2).unwrap();
+    assert_eq!(s.compacted().unwrap(), 4);
+    // A continue token from before the compaction point is gone too.
+    let stale = codec::encode_continue(2, b"/pods/a");
+    assert!(matches!(
+        s.range(b"/pods/", 1, Some(&stale)),
+        Err(StoreError::Gone { .. })
+    ));
+}
+
+#[test]
+fn corrupt_records_are_reported_with_the_file_and_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store");
+    {
+        let s = Store::open(&path).unwrap();
+        s.apply(1, &cmd(vec![create("/a", "1")])).unwrap();
+        // Damage a record the way a bad disk or a foreign writer would.
+        s.kv.insert(b"/a", &b"short"[..]).unwrap();
+        s.flush().unwrap();
+    }
+    let err = Store::open(&path)
+        .err()
+        .expect("a corrupt store must not open");
+    let text = err.to_string();
+    assert!(text.contains("kv record \"/a\" is corrupt"), "{text}");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store");
+    {
+        let s = Store::open(&path).unwrap();
+        s.meta.insert(META_APPLIED, &b"xyz"[..]).unwrap();
+        s.history.insert(b"abc", &b"\x09whatever"[..]).unwrap();
+        s.flush().unwrap();
+    }
+    assert!(Store::open(&path).is_err());
+}
+
+#[test]
+fn codec_refuses_garbage() {
+    for bytes in [&b""[..], b"\x01", &[0u8; 23]] {
+        assert!(codec::decode_value(bytes).is_err());
+    }
+    assert!(codec::decode_event_kind(&[3; 30]).is_err());
+    assert!(codec::decode_event_kind(b"").is_err());
+    assert!(codec::decode_history_key(b"1234567").is_err());
+    assert!(codec::decode_u64(b"123456789").is_err());
+    let v = Value {
+        data: b"data".to_vec(),
+        create_revision: 1,
+        mod_revision: 2,
+        version: 3,
+    };
+    assert_eq!(codec::decode_value(&codec::encode_value(&v)).unwrap(), v);
+    assert_eq!(
+        codec::decode_continue(&codec::encode_continue(7, b"/k\x00\xff")),
+        Some((7, b"/k\x00\xff".to_vec()))
+    );
+}
