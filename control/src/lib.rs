@@ -7,4 +7,6 @@
 //! It must not run guests or touch a node's disk: nodes reach it only through the
 //! Kubernetes API.
 
+pub mod raftlog;
+pub mod replica;
 pub mod store;

@@ -114,3 +114,142 @@ pub fn decode_continue(token: &str) -> Option<(u64, Vec<u8>)> {
         .collect::<Option<Vec<u8>>>()?;
     Some((revision, key))
 }
+
+/// The format version of a command in a raft entry: the first byte of its data.
+pub const COMMAND_VERSION: u8 = 1;
+
+/// `version ‖ count ‖ (tag ‖ key len ‖ key ‖ [data len ‖ data] ‖ [expect flag ‖ expect])*`,
+/// lengths and counts as u32, revisions as u64, all big-endian.
+pub fn encode_command(command: &super::Command) -> Vec<u8> {
+    use super::Op;
+    let mut out = vec![COMMAND_VERSION];
+    out.extend_from_slice(&(command.ops.len() as u32).to_be_bytes());
+    let bytes = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    let expect = |out: &mut Vec<u8>, e: &Option<u64>| match e {
+        None => out.push(0),
+        Some(r) => {
+            out.push(1);
+            out.extend_from_slice(&r.to_be_bytes());
+        }
+    };
+    for op in &command.ops {
+        match op {
+            Op::Create { key, data } => {
+                out.push(1);
+                bytes(&mut out, key);
+                bytes(&mut out, data);
+            }
+            Op::Update {
+                key,
+                data,
+                expect_mod,
+            } => {
+                out.push(2);
+                bytes(&mut out, key);
+                bytes(&mut out, data);
+                expect(&mut out, expect_mod);
+            }
+            Op::Delete { key, expect_mod } => {
+                out.push(3);
+                bytes(&mut out, key);
+                expect(&mut out, expect_mod);
+            }
+        }
+    }
+    out
+}
+
+/// What is wrong with an encoded command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("empty command")]
+    Empty,
+    #[error("command format version {0} is not known (this build reads {COMMAND_VERSION})")]
+    Version(u8),
+    #[error("command is cut short at byte {0}")]
+    Short(usize),
+    #[error("unknown operation tag {0}")]
+    Tag(u8),
+    #[error("{0} bytes after the last operation")]
+    Trailing(usize),
+}
+
+pub fn decode_command(bytes: &[u8]) -> Result<super::Command, CommandError> {
+    use super::Op;
+    struct Reader<'a> {
+        bytes: &'a [u8],
+        at: usize,
+    }
+    impl Reader<'_> {
+        fn take(&mut self, n: usize) -> Result<&[u8], CommandError> {
+            let end = self.at.checked_add(n).ok_or(CommandError::Short(self.at))?;
+            let slice = self
+                .bytes
+                .get(self.at..end)
+                .ok_or(CommandError::Short(self.at))?;
+            self.at = end;
+            Ok(slice)
+        }
+        fn u8(&mut self) -> Result<u8, CommandError> {
+            Ok(self.take(1)?[0])
+        }
+        fn u32(&mut self) -> Result<u32, CommandError> {
+            let b = self.take(4)?;
+            Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        }
+        fn u64(&mut self) -> Result<u64, CommandError> {
+            let b = self.take(8)?;
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            Ok(u64::from_be_bytes(a))
+        }
+        fn bytes(&mut self) -> Result<Vec<u8>, CommandError> {
+            let n = self.u32()? as usize;
+            Ok(self.take(n)?.to_vec())
+        }
+        fn expect(&mut self) -> Result<Option<u64>, CommandError> {
+            match self.u8()? {
+                0 => Ok(None),
+                1 => Ok(Some(self.u64()?)),
+                other => Err(CommandError::Tag(other)),
+            }
+        }
+    }
+    let mut r = Reader { bytes, at: 0 };
+    let version = r.u8().map_err(|_| CommandError::Empty)?;
+    if version != COMMAND_VERSION {
+        return Err(CommandError::Version(version));
+    }
+    let count = r.u32()?;
+    // Every operation takes at least 5 bytes: a count beyond that is a lie.
+    if count as usize > bytes.len() / 5 {
+        return Err(CommandError::Short(r.at));
+    }
+    let mut ops = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let op = match r.u8()? {
+            1 => Op::Create {
+                key: r.bytes()?,
+                data: r.bytes()?,
+            },
+            2 => Op::Update {
+                key: r.bytes()?,
+                data: r.bytes()?,
+                expect_mod: r.expect()?,
+            },
+            3 => Op::Delete {
+                key: r.bytes()?,
+                expect_mod: r.expect()?,
+            },
+            other => return Err(CommandError::Tag(other)),
+        };
+        ops.push(op);
+    }
+    if r.at != bytes.len() {
+        return Err(CommandError::Trailing(bytes.len() - r.at));
+    }
+    Ok(super::Command { ops })
+}

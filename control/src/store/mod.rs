@@ -17,7 +17,7 @@ mod codec;
 
 use std::path::{Path, PathBuf};
 
-pub use codec::CodecError;
+pub use codec::{COMMAND_VERSION, CodecError, CommandError, decode_command, encode_command};
 
 /// A stored value and its revisions, as etcd keeps them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +169,16 @@ impl Store {
             source,
         };
         let db = sled::Config::new().path(dir).open().map_err(open_err)?;
+        Self::in_db(db, dir)
+    }
+
+    /// The store's trees in an open database (shared with the raft log, so one flush
+    /// covers both); `dir` names it in errors.
+    pub fn in_db(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: dir.to_path_buf(),
+            source,
+        };
         let kv = db.open_tree("kv").map_err(open_err)?;
         let history = db.open_tree("history").map_err(open_err)?;
         let meta = db.open_tree("meta").map_err(open_err)?;
@@ -228,6 +238,11 @@ impl Store {
     /// The compaction point: history before this revision is gone.
     pub fn compacted(&self) -> Result<u64, StoreError> {
         self.meta_u64(META_COMPACTED)
+    }
+
+    /// The database the store lives in.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// Makes every applied entry durable (sled's flush). Acknowledge writes after it.

@@ -294,6 +294,53 @@ fn corrupt_records_are_reported_with_the_file_and_refused() {
 }
 
 #[test]
+fn commands_round_trip_and_garbage_is_refused() {
+    let command = cmd(vec![
+        create("/a", "1"),
+        update("/b", "2", Some(7)),
+        update("/c", "", None),
+        delete("/d", Some(u64::MAX)),
+        delete("/e", None),
+    ]);
+    let bytes = encode_command(&command);
+    assert_eq!(decode_command(&bytes).unwrap(), command);
+    // Every cut of a valid command, flipped tags and versions, absurd counts.
+    for end in 0..bytes.len() {
+        assert!(decode_command(&bytes[..end]).is_err(), "cut at {end}");
+    }
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert!(matches!(
+        decode_command(&trailing),
+        Err(CommandError::Trailing(1))
+    ));
+    let mut version = bytes.clone();
+    version[0] = 9;
+    assert!(matches!(
+        decode_command(&version),
+        Err(CommandError::Version(9))
+    ));
+    let mut tag = bytes.clone();
+    tag[5] = 77;
+    assert!(matches!(decode_command(&tag), Err(CommandError::Tag(77))));
+    assert!(decode_command(&[1, 0xff, 0xff, 0xff, 0xff]).is_err());
+    // Pseudo-random garbage never panics.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..2000 {
+        let len = (state % 64) as usize;
+        let garbage: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let _ = decode_command(&garbage);
+    }
+}
+
+#[test]
 fn codec_refuses_garbage() {
     for bytes in [&b""[..], b"\x01", &[0u8; 23]] {
         assert!(codec::decode_value(bytes).is_err());
