@@ -146,6 +146,10 @@ pub enum StoreError {
     BadContinue,
 }
 
+/// How long `open` waits for a directory another holder is releasing before it says the
+/// directory is in use.
+pub const DIRECTORY_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 const META_APPLIED: &[u8] = b"applied";
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACTED: &[u8] = b"compacted";
@@ -168,7 +172,22 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         };
-        let db = sled::Config::new().path(dir).open().map_err(open_err)?;
+        // sled locks its directory; a replica that is still shutting down (its flusher
+        // finishing) holds the lock for a moment, another process holds it for good.
+        let deadline = std::time::Instant::now() + DIRECTORY_LOCK_WAIT;
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                // sled reports a held lock as an Io error of kind Other with this text.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(open_err(e)),
+            }
+        };
         Self::in_db(db, dir)
     }
 

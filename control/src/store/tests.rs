@@ -265,6 +265,17 @@ fn watches_see_every_change_in_order_until_compacted() {
 }
 
 #[test]
+fn a_directory_in_use_is_refused_after_a_short_wait() {
+    let (dir, _held) = open();
+    let started = std::time::Instant::now();
+    let err = Store::open(&dir.path().join("store"))
+        .err()
+        .expect("a second holder must be refused");
+    assert!(err.to_string().contains("could not acquire lock"), "{err}");
+    assert!(started.elapsed() >= DIRECTORY_LOCK_WAIT);
+}
+
+#[test]
 fn corrupt_records_are_reported_with_the_file_and_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("store");
