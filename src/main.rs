@@ -4,6 +4,8 @@ mod client;
 mod node_cmd;
 mod oci_cmd;
 mod probe_cmd;
+mod server_cmd;
+mod store_cmd;
 mod table;
 
 use std::path::PathBuf;
@@ -38,11 +40,10 @@ enum Command {
     Get(client::GetArgs),
     /// Print a container's logs.
     Logs(client::LogsArgs),
-    /// Run a control-plane member (not implemented yet).
-    Server {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        rest: Vec<String>,
-    },
+    /// Run a control-plane member (today a single voter; see `brink server --help`).
+    Server(server_cmd::ServerArgs),
+    /// Read and write a control-plane member's store (a debugging client).
+    Store(store_cmd::StoreArgs),
     /// Run a native attack inside a pod sandbox and report what happened (for tests).
     #[command(hide = true)]
     SandboxProbe(probe_cmd::ProbeArgs),
@@ -100,9 +101,8 @@ fn main() -> std::process::ExitCode {
             Command::Get(args) => client::get(args).await,
             Command::Logs(args) => client::logs(args).await,
             Command::SandboxProbe(args) => probe_cmd::probe(args).await,
-            Command::Server { .. } => Err(anyhow::anyhow!(
-                "`brink server` is not implemented yet: the raft-backed control plane is issue 5"
-            )),
+            Command::Server(args) => server_cmd::server(args).await,
+            Command::Store(args) => store_cmd::store(args).await,
             Command::Chaos { .. } => Err(anyhow::anyhow!("`brink chaos` is not implemented yet")),
         }
     });

@@ -150,7 +150,7 @@ fn node_refuses_bad_flags_before_doing_anything() {
 
 #[test]
 fn unbuilt_commands_say_so() {
-    fails_with(&["server", "--init"], "not implemented yet");
+    fails_with(&["server", "--join", "127.0.0.1:1"], "not implemented yet");
     fails_with(&["chaos"], "not implemented yet");
 }
 

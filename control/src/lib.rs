@@ -7,6 +7,7 @@
 //! It must not run guests or touch a node's disk: nodes reach it only through the
 //! Kubernetes API.
 
+pub mod api;
 pub mod raftlog;
 pub mod replica;
 pub mod store;

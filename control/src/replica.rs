@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -73,12 +74,27 @@ enum Request {
     Stop,
 }
 
+/// Counters of a replica's ready loop (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct ReplicaMetrics {
+    pub proposals: AtomicU64,
+    /// Ready batches written (each one flush).
+    pub flushes: AtomicU64,
+    /// The last applied raft index.
+    pub applied_index: AtomicU64,
+    pub leader_changes: AtomicU64,
+    /// 1 while this member leads.
+    pub is_leader: AtomicU64,
+}
+
 /// A running replica.
 pub struct Replica {
     path: PathBuf,
     requests: mpsc::Sender<Request>,
     thread: Option<std::thread::JoinHandle<Result<(), ReplicaError>>>,
     store: Arc<Store>,
+    revision: tokio::sync::watch::Receiver<u64>,
+    pub metrics: Arc<ReplicaMetrics>,
 }
 
 impl Replica {
@@ -117,15 +133,20 @@ impl Replica {
         let (requests, inbox) = mpsc::channel();
         let loop_store = store.clone();
         let path = dir.to_path_buf();
+        let (revision_tx, revision) = tokio::sync::watch::channel(store.revision()?);
+        let metrics = Arc::new(ReplicaMetrics::default());
+        let loop_metrics = metrics.clone();
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", settings.id))
-            .spawn(move || ready_loop(node, loop_store, inbox, settings))
+            .spawn(move || ready_loop(node, loop_store, inbox, settings, revision_tx, loop_metrics))
             .map_err(|e| ReplicaError::Store(StoreError::Sled(sled::Error::Io(e))))?;
         Ok(Self {
             path,
             requests,
             thread: Some(thread),
             store,
+            revision,
+            metrics,
         })
     }
 
@@ -147,6 +168,16 @@ impl Replica {
     /// linearizable across members; ReadIndex comes with the multi-voter transport).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The store's revision, updated after every applied batch (watchers wait on it).
+    pub fn subscribe_revision(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revision.clone()
+    }
+
+    /// Whether this member leads (and so can commit).
+    pub fn is_leader(&self) -> bool {
+        self.metrics.is_leader.load(Ordering::Relaxed) == 1
     }
 
     /// Stops the loop and waits for it; the data stays on disk.
@@ -176,7 +207,10 @@ fn ready_loop(
     store: Arc<Store>,
     inbox: mpsc::Receiver<Request>,
     settings: ReplicaSettings,
+    revision: tokio::sync::watch::Sender<u64>,
+    metrics: Arc<ReplicaMetrics>,
 ) -> Result<(), ReplicaError> {
+    let mut was_leader = false;
     let mut pending: Pending = HashMap::new();
     // Proposal ids are unique across restarts: entries committed by an earlier run are
     // applied after a restart and must not answer this run's proposers.
@@ -211,7 +245,21 @@ fn ready_loop(
             node.tick();
             last_tick = Instant::now();
         }
-        if node.raft.state == StateRole::Leader {
+        let leader = node.raft.state == StateRole::Leader;
+        if leader != was_leader {
+            was_leader = leader;
+            metrics
+                .is_leader
+                .store(u64::from(leader), Ordering::Relaxed);
+            if leader {
+                metrics.leader_changes.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(id = settings.id, term = node.raft.term, "leading");
+            }
+        }
+        if leader {
+            metrics
+                .proposals
+                .fetch_add(waiting.len() as u64, Ordering::Relaxed);
             for p in waiting.drain(..) {
                 let id = (incarnation, next_id);
                 next_id += 1;
@@ -242,6 +290,7 @@ fn ready_loop(
         }
         // One flush per batch: what is acknowledged below is on disk.
         store.flush()?;
+        metrics.flushes.fetch_add(1, Ordering::Relaxed);
         let _ = ready.take_persisted_messages();
         let mut light = node.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -252,6 +301,10 @@ fn ready_loop(
         let _ = light.take_messages();
         apply(&store, &mut pending, light.take_committed_entries())?;
         node.advance_apply();
+        metrics
+            .applied_index
+            .store(store.applied_index()?, Ordering::Relaxed);
+        revision.send_replace(store.revision()?);
     }
 }
 
