@@ -112,11 +112,22 @@ fn ok(status: u16, value: &serde_json::Value) -> anyhow::Result<()> {
     anyhow::bail!("{status}: {message}")
 }
 
+/// One operation as a transaction; the revision it was applied at.
+async fn write(
+    client: &HttpClient,
+    server: SocketAddr,
+    op: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let body = serde_json::json!({"ops": [op]});
+    let (status, answer) = call(client, server, hyper::Method::POST, "/v0/txn", Some(body)).await?;
+    ok(status, &answer)?;
+    Ok(answer["revision"].clone())
+}
+
 pub async fn store(args: StoreArgs) -> anyhow::Result<()> {
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let server = args.server;
     let mut out = std::io::stdout().lock();
-    let txn = |op: serde_json::Value| serde_json::json!({"ops": [op]});
     match args.command {
         StoreCommand::Get { key } => {
             let (status, value) = call(
@@ -150,42 +161,18 @@ pub async fn store(args: StoreArgs) -> anyhow::Result<()> {
                 let op = if status == 404 { "create" } else { "update" };
                 serde_json::json!({"op": op, "key": key, "value": value})
             };
-            let (status, answer) = call(
-                &client,
-                server,
-                hyper::Method::POST,
-                "/v0/txn",
-                Some(txn(op)),
-            )
-            .await?;
-            ok(status, &answer)?;
-            writeln!(out, "revision {}", answer["revision"])?;
+            let revision = write(&client, server, op).await?;
+            writeln!(out, "revision {revision}")?;
         }
         StoreCommand::Create { key, value } => {
             let op = serde_json::json!({"op": "create", "key": key, "value": value});
-            let (status, answer) = call(
-                &client,
-                server,
-                hyper::Method::POST,
-                "/v0/txn",
-                Some(txn(op)),
-            )
-            .await?;
-            ok(status, &answer)?;
-            writeln!(out, "revision {}", answer["revision"])?;
+            let revision = write(&client, server, op).await?;
+            writeln!(out, "revision {revision}")?;
         }
         StoreCommand::Delete { key, expect_mod } => {
             let op = serde_json::json!({"op": "delete", "key": key, "expectMod": expect_mod});
-            let (status, answer) = call(
-                &client,
-                server,
-                hyper::Method::POST,
-                "/v0/txn",
-                Some(txn(op)),
-            )
-            .await?;
-            ok(status, &answer)?;
-            writeln!(out, "revision {}", answer["revision"])?;
+            let revision = write(&client, server, op).await?;
+            writeln!(out, "revision {revision}")?;
         }
         StoreCommand::List { prefix, limit } => {
             let mut token: Option<String> = None;

@@ -68,63 +68,52 @@ async fn pods(State(agent): State<Arc<Agent>>) -> Response {
 
 async fn gateway_objects(State(agent): State<Arc<Agent>>, Path(kind): Path<String>) -> Response {
     let view = agent.ctx.gateway.view();
-    let (item_kind, items) = match kind.as_str() {
+    let items = match kind.as_str() {
         "gatewayclasses" => ("GatewayClass", serde_json::to_value(&view.classes)),
         "gateways" => ("Gateway", serde_json::to_value(&view.gateways)),
         "httproutes" => ("HTTPRoute", serde_json::to_value(&view.routes)),
-        other => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("the server could not find the requested resource {other:?}"),
-            );
-        }
+        other => return not_found(other),
     };
-    let mut items = match items {
-        Ok(items) => items,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    for item in items.as_array_mut().into_iter().flatten() {
-        if let Some(map) = item.as_object_mut() {
-            map.insert("apiVersion".into(), "gateway.networking.k8s.io/v1".into());
-            map.insert("kind".into(), item_kind.into());
-        }
-    }
-    let list = serde_json::json!({
-        "kind": format!("{item_kind}List"), "apiVersion": "gateway.networking.k8s.io/v1", "metadata": {},
-        "items": items,
-    });
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        list.to_string(),
-    )
-        .into_response()
+    list_response("gateway.networking.k8s.io/v1", items)
 }
 
 /// Services and their local Endpoints, as the data plane sees them.
 async fn core_objects(State(agent): State<Arc<Agent>>, Path(kind): Path<String>) -> Response {
     let gateway = &agent.ctx.gateway;
-    let (item_kind, items) = match kind.as_str() {
+    let items = match kind.as_str() {
         "services" => ("Service", serde_json::to_value(&gateway.view().services)),
         "endpoints" => ("Endpoints", serde_json::to_value(gateway.endpoints())),
-        other => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("the server could not find the requested resource {other:?}"),
-            );
-        }
+        other => return not_found(other),
     };
+    list_response("v1", items)
+}
+
+fn not_found(resource: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("the server could not find the requested resource {resource:?}"),
+    )
+}
+
+/// A `<Kind>List` of `items`, each stamped with its apiVersion and kind, as the API
+/// server returns lists.
+fn list_response(
+    api_version: &str,
+    (item_kind, items): (&str, serde_json::Result<serde_json::Value>),
+) -> Response {
     let mut items = match items {
         Ok(items) => items,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     for item in items.as_array_mut().into_iter().flatten() {
         if let Some(map) = item.as_object_mut() {
-            map.insert("apiVersion".into(), "v1".into());
+            map.insert("apiVersion".into(), api_version.into());
             map.insert("kind".into(), item_kind.into());
         }
     }
     let list = serde_json::json!({
-        "kind": format!("{item_kind}List"), "apiVersion": "v1", "metadata": {}, "items": items,
+        "kind": format!("{item_kind}List"), "apiVersion": api_version, "metadata": {},
+        "items": items,
     });
     (
         [(header::CONTENT_TYPE, "application/json")],
