@@ -112,6 +112,16 @@ fn ok(status: u16, value: &serde_json::Value) -> anyhow::Result<()> {
     anyhow::bail!("{status}: {message}")
 }
 
+/// A key's value (JSON) with the answer's status.
+async fn get(
+    client: &HttpClient,
+    server: SocketAddr,
+    key: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let path = format!("/v0/get?key={}", query_escape(key));
+    call(client, server, hyper::Method::GET, &path, None).await
+}
+
 /// One operation as a transaction; the revision it was applied at.
 async fn write(
     client: &HttpClient,
@@ -130,14 +140,7 @@ pub async fn store(args: StoreArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match args.command {
         StoreCommand::Get { key } => {
-            let (status, value) = call(
-                &client,
-                server,
-                hyper::Method::GET,
-                &format!("/v0/get?key={}", query_escape(&key)),
-                None,
-            )
-            .await?;
+            let (status, value) = get(&client, server, &key).await?;
             ok(status, &value)?;
             writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         }
@@ -150,14 +153,7 @@ pub async fn store(args: StoreArgs) -> anyhow::Result<()> {
             let op = if expect_mod.is_some() {
                 serde_json::json!({"op": "update", "key": key, "value": value, "expectMod": expect_mod})
             } else {
-                let (status, _) = call(
-                    &client,
-                    server,
-                    hyper::Method::GET,
-                    &format!("/v0/get?key={}", query_escape(&key)),
-                    None,
-                )
-                .await?;
+                let (status, _) = get(&client, server, &key).await?;
                 let op = if status == 404 { "create" } else { "update" };
                 serde_json::json!({"op": op, "key": key, "value": value})
             };

@@ -431,15 +431,29 @@ enum Filter<'a> {
 }
 
 impl Filter<'_> {
-    /// The filter as a rule-level one, through JSON: both have one schema.
     fn as_rule(&self) -> Result<HttpRouteRulesFilters, String> {
         match self {
             Filter::Rule(f) => Ok((*f).clone()),
-            Filter::Backend(f) => serde_json::to_value(f)
-                .and_then(serde_json::from_value)
-                .map_err(|e| e.to_string()),
+            Filter::Backend(f) => backend_filter_as_rule(f),
         }
     }
+}
+
+/// A backendRef-level filter as a rule-level one, through JSON: the generated types
+/// differ, the schema is the same.
+pub fn backend_filter_as_rule(
+    filter: &HttpRouteRulesBackendRefsFilters,
+) -> Result<HttpRouteRulesFilters, String> {
+    serde_json::to_value(filter)
+        .and_then(serde_json::from_value)
+        .map_err(|e| e.to_string())
+}
+
+/// The name a generated enum value has on the wire (`URLRewrite`, `https`, `GET`).
+pub fn wire_name<T: serde::Serialize>(value: &T) -> Option<String> {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
 }
 
 fn validate_filters<'a>(
@@ -451,10 +465,7 @@ fn validate_filters<'a>(
     for (i, filter) in filters.enumerate() {
         let at = format!("{at}[{i}]");
         let f = filter.as_rule().map_err(|e| field_err(&at, e))?;
-        let type_name = serde_json::to_value(&f.r#type)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let type_name = wire_name(&f.r#type).unwrap_or_default();
         let set: Vec<&str> = [
             ("RequestHeaderModifier", f.request_header_modifier.is_some()),
             (
@@ -515,7 +526,7 @@ fn validate_filters<'a>(
             }
             if let Some(path) = &redirect.path {
                 check_path_modifier(
-                    serde_json::to_value(&path.r#type).ok(),
+                    wire_name(&path.r#type),
                     path.replace_full_path.as_deref(),
                     path.replace_prefix_match.as_deref(),
                     all_prefix,
@@ -534,7 +545,7 @@ fn validate_filters<'a>(
             }
             if let Some(path) = &rewrite.path {
                 check_path_modifier(
-                    serde_json::to_value(&path.r#type).ok(),
+                    wire_name(&path.r#type),
                     path.replace_full_path.as_deref(),
                     path.replace_prefix_match.as_deref(),
                     all_prefix,
@@ -609,15 +620,13 @@ fn validate_filters<'a>(
 }
 
 fn check_path_modifier(
-    type_: Option<serde_json::Value>,
+    type_: Option<String>,
     full: Option<&str>,
     prefix: Option<&str>,
     all_prefix: bool,
     at: &str,
 ) -> Result<(), FieldError> {
-    let type_ = type_
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let type_ = type_.unwrap_or_default();
     match (type_.as_str(), full, prefix) {
         ("ReplaceFullPath", Some(path), None) => {
             check_path(path).map_err(|e| field_err(format!("{at}.replaceFullPath"), e))

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use brink_proto::gateway::{GROUP, compile_regex, parse_duration};
+use brink_proto::gateway::{GROUP, compile_regex, parse_duration, wire_name};
 use gateway_api::gatewayclasses::GatewayClassStatus;
 use gateway_api::gateways::{
     Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom, GatewayStatus,
@@ -1125,10 +1125,10 @@ fn compile_rule(
                         PathMatch::Regex(compile_regex(&value).ok()?)
                     }
                 };
-                let method = m.method.as_ref().and_then(|method| {
-                    let name = serde_json::to_value(method).ok()?;
-                    Method::from_bytes(name.as_str()?.as_bytes()).ok()
-                });
+                let method = m
+                    .method
+                    .as_ref()
+                    .and_then(|method| Method::from_bytes(wire_name(method)?.as_bytes()).ok());
                 let headers = m
                     .headers
                     .iter()
@@ -1194,11 +1194,10 @@ fn compile_rule(
         }
         let mut backend_filters = Vec::new();
         for f in b.filters.iter().flatten() {
-            let converted = serde_json::to_value(f)
-                .and_then(serde_json::from_value::<HttpRouteRulesFilters>)
-                .map_err(|e| FilterFault {
+            let converted = brink_proto::gateway::backend_filter_as_rule(f)
+                .map_err(|message| FilterFault {
                     reason: "UnsupportedValue",
-                    message: e.to_string(),
+                    message,
                 })
                 .and_then(|f| convert_filter(&f, namespace, inputs));
             match converted {
@@ -1329,11 +1328,7 @@ fn convert_filter(
                 )
             });
             Ok(Filter::Redirect(Redirect {
-                scheme: r.scheme.as_ref().and_then(|s| {
-                    serde_json::to_value(s)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                }),
+                scheme: r.scheme.as_ref().and_then(wire_name),
                 hostname: r.hostname.clone(),
                 path,
                 port: r.port.and_then(|p| u16::try_from(p).ok()),
