@@ -10,6 +10,7 @@ pub mod config;
 pub mod gateway;
 pub mod manifest;
 pub mod outbound;
+pub mod peer;
 pub mod quantity;
 pub mod sandbox;
 pub mod volumes;
