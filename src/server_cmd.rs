@@ -1,34 +1,47 @@
-//! `brink server`: a control-plane member. Today a single voter (raft on sled, the store's
-//! debugging API, `/readyz`, `/metrics`); joining voters over QUIC comes next (issue 5).
+//! `brink server`: a control-plane member. Raft on sled, QUIC with mutual TLS between
+//! members, the store's debugging API with `/readyz` and `/metrics`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use brink_control::replica::{Replica, ReplicaSettings};
+use brink_control::member::{self, MemberSettings, Start};
+use brink_control::pki::JoinToken;
+use brink_control::replica::ReplicaSettings;
+use brink_control::transport::TransportSettings;
 use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
     /// Bootstrap a new cluster with this member as its only voter (the data directory
-    /// must be new).
-    #[arg(long)]
+    /// must be new). Writes the site CA, an admin credential and a join token under
+    /// DATA_DIR/pki.
+    #[arg(long, conflicts_with = "join")]
     init: bool,
-    /// Join an existing cluster at ADDR (not implemented yet).
-    #[arg(long, value_name = "ADDR")]
+    /// Join the cluster a member of which listens (QUIC) at ADDR; needs --token.
+    #[arg(long, value_name = "ADDR", requires = "token")]
     join: Option<String>,
-    /// Where the member keeps its raft log and store.
+    /// The join token (DATA_DIR/pki/join-token on any member).
+    #[arg(long, env = "BRINK_JOIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the member keeps its raft log, store and credentials.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Where the store API, /readyz and /metrics listen (plain HTTP: keep it on loopback).
-    #[arg(long, default_value = "127.0.0.1:2380")]
+    #[arg(long, default_value = "127.0.0.1:2379")]
     listen: SocketAddr,
+    /// Where the QUIC endpoint for other members listens (UDP).
+    #[arg(long, default_value = "127.0.0.1:2380")]
+    peer_listen: SocketAddr,
+    /// The address other members dial this one at (default: --peer-listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise_peer: Option<String>,
     /// One raft tick.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
     raft_tick: Duration,
-    /// Ticks without a leader before a follower stands for election.
+    /// Ticks without a leader before a follower stands for election (randomized up to
+    /// twice this).
     #[arg(long, default_value_t = 10)]
     election_ticks: usize,
     /// Ticks between a leader's heartbeats.
@@ -37,61 +50,111 @@ pub struct ServerArgs {
     /// The most proposals written and flushed together.
     #[arg(long, default_value_t = 4096)]
     max_batch: usize,
+    /// How long a write or linearizable read waits before its caller is told the outcome
+    /// is unknown.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    request_timeout: Duration,
+    /// Raft messages queued for one peer before new ones are dropped.
+    #[arg(long, default_value_t = 4096)]
+    peer_queue: usize,
 }
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
-    if args.join.is_some() {
-        anyhow::bail!(
-            "`brink server --join` is not implemented yet: voters over QUIC are the next part of issue 5"
-        );
-    }
     anyhow::ensure!(!args.raft_tick.is_zero(), "--raft-tick must be positive");
     anyhow::ensure!(
         args.heartbeat_ticks >= 1 && args.election_ticks > args.heartbeat_ticks,
         "--election-ticks must be greater than --heartbeat-ticks (at least 1)"
     );
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
+    anyhow::ensure!(args.peer_queue >= 1, "--peer-queue must be at least 1");
+    anyhow::ensure!(
+        !args.request_timeout.is_zero(),
+        "--request-timeout must be positive"
+    );
+    let advertise = match &args.advertise_peer {
+        Some(a) => a.clone(),
+        None if args.peer_listen.ip().is_unspecified() => anyhow::bail!(
+            "--peer-listen {} is a wildcard: say where other members reach this one with --advertise-peer",
+            args.peer_listen
+        ),
+        None => args.peer_listen.to_string(),
+    };
     let dir = args
         .data_dir
         .clone()
         .unwrap_or_else(|| crate::default_data_dir("server"));
     let has_state = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
-    if args.init && has_state {
-        anyhow::bail!(
-            "--init: {} already holds a member's data; start it without --init",
+    let how = match (&args.join, args.init) {
+        (Some(_), _) | (None, true) if has_state => anyhow::bail!(
+            "{} already holds a member's data; start it without --init or --join",
             dir.display()
-        );
-    }
-    if !args.init && !has_state {
-        anyhow::bail!(
-            "{} holds no member's data: bootstrap a cluster with --init",
+        ),
+        (Some(addr), _) => {
+            let text = args.token.as_deref().unwrap_or_default();
+            let token = JoinToken::parse(text).context("--token")?;
+            Start::Join {
+                addr: addr.clone(),
+                token,
+            }
+        }
+        (None, true) => Start::Init,
+        (None, false) if !has_state => anyhow::bail!(
+            "{} holds no member's data: bootstrap a cluster with --init, or join one with --join ADDR --token T",
             dir.display()
-        );
-    }
+        ),
+        (None, false) => Start::Restart,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let settings = ReplicaSettings {
-        id: 1,
-        tick: args.raft_tick,
-        election_ticks: args.election_ticks,
-        heartbeat_ticks: args.heartbeat_ticks,
-        max_batch: args.max_batch,
+    let init = matches!(how, Start::Init);
+    let settings = MemberSettings {
+        data_dir: dir.clone(),
+        peer_listen: args.peer_listen,
+        advertise: advertise.clone(),
+        replica: ReplicaSettings {
+            id: 0,
+            tick: args.raft_tick,
+            election_ticks: args.election_ticks,
+            heartbeat_ticks: args.heartbeat_ticks,
+            max_batch: args.max_batch,
+            request_timeout: args.request_timeout,
+            ..ReplicaSettings::default()
+        },
+        transport: TransportSettings {
+            peer_queue: args.peer_queue,
+            ..TransportSettings::default()
+        },
     };
-    let open_dir = dir.clone();
-    let replica = tokio::task::spawn_blocking(move || Replica::start(&open_dir, settings))
-        .await?
-        .with_context(|| format!("open {}", dir.display()))?;
-    let replica = Arc::new(replica);
-    tracing::info!(listen = %args.listen, dir = %dir.display(), "control-plane member serving");
-    let api = tokio::spawn(brink_control::api::serve(listener, replica.clone()));
+    let running = member::start(settings, how)
+        .await
+        .with_context(|| format!("start the member in {}", dir.display()))?;
+    if init {
+        eprintln!(
+            "brink: a new cluster; other members join with\n  brink server --join {advertise} --token \"$(cat {})\"",
+            brink_control::pki::pki_dir(&dir)
+                .join("join-token")
+                .display()
+        );
+    }
+    tracing::info!(
+        member = running.id,
+        listen = %args.listen,
+        peer = %advertise,
+        dir = %dir.display(),
+        "control-plane member serving"
+    );
+    let api = tokio::spawn(brink_control::api::serve(
+        listener,
+        brink_control::api::ApiState {
+            replica: running.replica.clone(),
+            transport: Some(running.transport.metrics.clone()),
+        },
+    ));
     crate::node_cmd::shutdown_signal().await;
     api.abort();
     let _ = api.await;
-    match Arc::try_unwrap(replica) {
-        Ok(replica) => tokio::task::spawn_blocking(move || replica.stop()).await??,
-        Err(_) => tracing::warn!("requests still hold the store; leaving it to the OS"),
-    }
+    tokio::task::spawn_blocking(move || running.stop()).await??;
     Ok(())
 }

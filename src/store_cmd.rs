@@ -16,7 +16,7 @@ pub struct StoreArgs {
     /// The member's API address.
     #[arg(
         long,
-        default_value = "127.0.0.1:2380",
+        default_value = "127.0.0.1:2379",
         env = "BRINK_SERVER",
         global = true
     )]

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 struct Server {
     addr: SocketAddr,
+    peer: SocketAddr,
     dir: std::path::PathBuf,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
@@ -24,6 +25,7 @@ impl Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut server = Server {
             addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            peer: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
             dir: tmp.path().join("member"),
             child: None,
             _tmp: tmp,
@@ -39,6 +41,7 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(["--listen", &self.addr.to_string(), "--raft-tick", "20ms"])
+            .args(["--peer-listen", &self.peer.to_string()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -301,9 +304,23 @@ fn garbage_requests_are_refused_and_change_nothing() {
             &["--election-ticks", "2", "--heartbeat-ticks", "2"][..],
             "--election-ticks",
         ),
-        (&["--join", "127.0.0.1:1"][..], "not implemented yet"),
+        (&["--join", "127.0.0.1:1"][..], "cannot be used with"),
+        (&["--peer-listen", "0.0.0.0:2380"][..], "--advertise-peer"),
+        (&["--request-timeout", "0s"][..], "--request-timeout"),
     ] {
         let mut args = vec!["server", "--init", "--data-dir", data];
+        args.extend_from_slice(flags);
+        let out = brink(&args);
+        assert!(stderr(&out).contains(needle), "{flags:?}: {}", stderr(&out));
+    }
+    for (flags, needle) in [
+        (&["--join", "127.0.0.1:1"][..], "--token"),
+        (
+            &["--join", "127.0.0.1:1", "--token", "brink1.00.00"][..],
+            "join token is malformed",
+        ),
+    ] {
+        let mut args = vec!["server", "--data-dir", data];
         args.extend_from_slice(flags);
         let out = brink(&args);
         assert!(stderr(&out).contains(needle), "{flags:?}: {}", stderr(&out));

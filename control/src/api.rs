@@ -4,12 +4,19 @@
 //! clients will use comes later in issue 5's successors. Values are UTF-8 text here.
 //! Owns only request decoding and answers; every write goes through the replica.
 //!
+//! Reads are linearizable (a ReadIndex round first) unless `serializable=true` asks for
+//! this member's applied state as it is; a member cut off from the leader answers 504.
+//!
 //! - `GET /v0/get?key=K` → the value with its revisions, or 404.
 //! - `POST /v0/txn` `{"ops": [{"op": "create"|"update"|"delete", "key", "value",
 //!   "expectMod"}]}` → `{"revision"}`, or 409 with the refusal.
 //! - `GET /v0/range?prefix=P&limit=N&continue=T` → a page.
 //! - `GET /v0/watch?prefix=P&after=R&timeoutSeconds=S` → the changes after R, waiting
 //!   up to S (at most [`MAX_WATCH_WAIT`]) for the first; 410 when R is compacted.
+//! - `GET /v0/members` → the leader, voters, learners and members' peer addresses.
+//! - `POST /v0/members/remove?id=ID` → removes a member (raft configuration change).
+//!
+//! A write that got no answer in time is 504 with "may or may not have been applied".
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,7 +30,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use crate::replica::Replica;
+use crate::replica::{Replica, ReplicaError};
+use crate::transport::TransportMetrics;
+
+/// What the API's handlers share.
+pub struct ApiState {
+    pub replica: Arc<Replica>,
+    /// The QUIC transport's counters, when this member has peers.
+    pub transport: Option<Arc<TransportMetrics>>,
+}
 use crate::store::{Applied, Command, Event, EventKind, Op, Refusal, StoreError, Value};
 
 /// The longest a watch request waits for a change.
@@ -32,7 +47,7 @@ pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_PAGE: usize = 10_000;
 
 /// Serves the API on `listener` until the task is aborted.
-pub async fn serve(listener: tokio::net::TcpListener, replica: Arc<Replica>) {
+pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
     let app = Router::new()
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -40,7 +55,9 @@ pub async fn serve(listener: tokio::net::TcpListener, replica: Arc<Replica>) {
         .route("/v0/txn", post(txn))
         .route("/v0/range", get(range))
         .route("/v0/watch", get(watch))
-        .with_state(replica);
+        .route("/v0/members", get(members))
+        .route("/v0/members/remove", post(remove_member))
+        .with_state(Arc::new(state));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "store API failed");
     }
@@ -58,12 +75,27 @@ fn store_error(e: StoreError) -> Response {
     }
 }
 
+fn replica_error(e: ReplicaError) -> Response {
+    match e {
+        ReplicaError::Timeout(_) => error(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+        e => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Waits for a ReadIndex round unless the caller asked for a serializable read.
+async fn barrier(state: &ApiState, serializable: bool) -> Result<(), Response> {
+    if serializable {
+        return Ok(());
+    }
+    state.replica.read_barrier().await.map_err(replica_error)
+}
+
 /// Runs a blocking store read off the async threads.
 async fn blocking<T: Send + 'static>(
-    replica: &Arc<Replica>,
+    state: &Arc<ApiState>,
     f: impl FnOnce(&Replica) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Response> {
-    let replica = replica.clone();
+    let replica = state.replica.clone();
     match tokio::task::spawn_blocking(move || f(&replica)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(store_error(e)),
@@ -91,41 +123,229 @@ fn value_out(key: &[u8], v: &Value) -> ValueOut {
     }
 }
 
-async fn readyz(State(replica): State<Arc<Replica>>) -> Response {
-    if replica.is_leader() {
-        (StatusCode::OK, "ok\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no leader yet\n").into_response()
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    match state.replica.leader() {
+        Some(leader) => (StatusCode::OK, format!("ok (leader {leader:x})\n")).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no leader known\n").into_response(),
     }
 }
 
-async fn metrics(State(replica): State<Arc<Replica>>) -> Response {
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let replica = &state.replica;
     let m = &replica.metrics;
-    let revision = *replica.subscribe_revision().borrow();
-    let text = format!(
-        "# HELP brink_store_revision The store's revision (raft index of the last applied write).\n# TYPE brink_store_revision gauge\nbrink_store_revision {revision}\n\
-         # HELP brink_store_applied_index The last applied raft index.\n# TYPE brink_store_applied_index gauge\nbrink_store_applied_index {}\n\
-         # HELP brink_raft_proposals_total Proposals handed to raft.\n# TYPE brink_raft_proposals_total counter\nbrink_raft_proposals_total {}\n\
-         # HELP brink_raft_flushes_total Ready batches made durable (one flush each).\n# TYPE brink_raft_flushes_total counter\nbrink_raft_flushes_total {}\n\
-         # HELP brink_raft_leader_changes_total Times this member became leader.\n# TYPE brink_raft_leader_changes_total counter\nbrink_raft_leader_changes_total {}\n\
-         # HELP brink_raft_is_leader 1 while this member leads.\n# TYPE brink_raft_is_leader gauge\nbrink_raft_is_leader {}\n",
-        m.applied_index.load(Ordering::Relaxed),
-        m.proposals.load(Ordering::Relaxed),
-        m.flushes.load(Ordering::Relaxed),
-        m.leader_changes.load(Ordering::Relaxed),
-        m.is_leader.load(Ordering::Relaxed),
-    );
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let applied = load(&m.applied_index);
+    let commit = load(&m.commit_index);
+    let mut rows: Vec<(&str, &str, &str, String)> = vec![
+        (
+            "brink_store_revision",
+            "gauge",
+            "The store's revision (raft index of the last applied write).",
+            replica.subscribe_revision().borrow().to_string(),
+        ),
+        (
+            "brink_store_applied_index",
+            "gauge",
+            "The last applied raft index.",
+            applied.to_string(),
+        ),
+        (
+            "brink_raft_commit_index",
+            "gauge",
+            "The commit index this member knows.",
+            commit.to_string(),
+        ),
+        (
+            "brink_raft_apply_lag",
+            "gauge",
+            "Committed entries not yet applied here.",
+            commit.saturating_sub(applied).to_string(),
+        ),
+        (
+            "brink_raft_log_last_index",
+            "gauge",
+            "The last index in this member's raft log (the log is never truncated yet).",
+            load(&m.last_index).to_string(),
+        ),
+        (
+            "brink_raft_term",
+            "gauge",
+            "The current raft term.",
+            load(&m.term).to_string(),
+        ),
+        (
+            "brink_raft_leader_id",
+            "gauge",
+            "The member this one believes leads (0: none).",
+            load(&m.leader_id).to_string(),
+        ),
+        (
+            "brink_raft_is_leader",
+            "gauge",
+            "1 while this member leads.",
+            load(&m.is_leader).to_string(),
+        ),
+        (
+            "brink_raft_leader_changes_total",
+            "counter",
+            "Times this member became leader.",
+            load(&m.leader_changes).to_string(),
+        ),
+        (
+            "brink_raft_proposals_total",
+            "counter",
+            "Proposals handed to raft.",
+            load(&m.proposals).to_string(),
+        ),
+        (
+            "brink_raft_flushes_total",
+            "counter",
+            "Ready batches made durable (one flush each).",
+            load(&m.flushes).to_string(),
+        ),
+        (
+            "brink_raft_flush_seconds_total",
+            "counter",
+            "Time spent making ready batches durable.",
+            format!("{:.6}", load(&m.flush_micros) as f64 / 1e6),
+        ),
+        (
+            "brink_raft_read_index_rounds_total",
+            "counter",
+            "ReadIndex rounds asked of raft (one serves many reads).",
+            load(&m.read_rounds).to_string(),
+        ),
+        (
+            "brink_raft_request_timeouts_total",
+            "counter",
+            "Requests answered with an unknown outcome for want of an answer in time.",
+            load(&m.timeouts).to_string(),
+        ),
+        (
+            "brink_raft_voters",
+            "gauge",
+            "Voters in the applied configuration.",
+            load(&m.voters).to_string(),
+        ),
+        (
+            "brink_raft_learners",
+            "gauge",
+            "Learners in the applied configuration.",
+            load(&m.learners).to_string(),
+        ),
+        (
+            "brink_raft_snapshots_total",
+            "counter",
+            "Snapshots sent or installed (not built yet: always 0).",
+            "0".into(),
+        ),
+    ];
+    if let Some(t) = &state.transport {
+        rows.extend([
+            (
+                "brink_peer_messages_sent_total",
+                "counter",
+                "Raft messages written to peers.",
+                load(&t.messages_sent).to_string(),
+            ),
+            (
+                "brink_peer_messages_received_total",
+                "counter",
+                "Raft messages read from peers.",
+                load(&t.messages_received).to_string(),
+            ),
+            (
+                "brink_peer_messages_dropped_total",
+                "counter",
+                "Raft messages dropped (queue full, peer unknown or down).",
+                load(&t.messages_dropped).to_string(),
+            ),
+            (
+                "brink_peer_connects_total",
+                "counter",
+                "Connections made to peers.",
+                load(&t.connects).to_string(),
+            ),
+            (
+                "brink_peer_connect_failures_total",
+                "counter",
+                "Peer links that failed or could not be made.",
+                load(&t.connect_failures).to_string(),
+            ),
+            (
+                "brink_peer_frames_refused_total",
+                "counter",
+                "Peer connections closed for a bad frame.",
+                load(&t.frames_refused).to_string(),
+            ),
+        ]);
+    }
+    let mut text = String::new();
+    for (name, kind, help, value) in rows {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn members(State(state): State<Arc<ApiState>>) -> Response {
+    let conf = state.replica.conf_state();
+    let result = blocking(&state, |r| r.store().members()).await;
+    match result {
+        Ok(members) => Json(serde_json::json!({
+            "leader": state.replica.leader(),
+            "voters": conf.voters,
+            "learners": conf.learners,
+            "members": members.iter().map(|(id, addr)| serde_json::json!({"id": id, "peerAddr": addr})).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(response) => response,
+    }
+}
+
+#[derive(Deserialize)]
+struct RemoveQuery {
+    id: u64,
+}
+
+async fn remove_member(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Query<RemoveQuery>,
+) -> Response {
+    let conf = state.replica.conf_state();
+    if !conf.voters.contains(&q.id) && !conf.learners.contains(&q.id) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("member {} is not in the cluster", q.id),
+        );
+    }
+    if conf.voters == [q.id] {
+        return error(StatusCode::CONFLICT, "the last voter cannot be removed");
+    }
+    let mut change = raft::prelude::ConfChange::default();
+    change.set_change_type(raft::prelude::ConfChangeType::RemoveNode);
+    change.node_id = q.id;
+    match state.replica.change_membership(change).await {
+        Ok(conf) => Json(serde_json::json!({"voters": conf.voters, "learners": conf.learners}))
+            .into_response(),
+        Err(e) => replica_error(e),
+    }
 }
 
 #[derive(Deserialize)]
 struct KeyQuery {
     key: String,
+    #[serde(default)]
+    serializable: bool,
 }
 
-async fn get_key(State(replica): State<Arc<Replica>>, Query(q): Query<KeyQuery>) -> Response {
+async fn get_key(State(state): State<Arc<ApiState>>, Query(q): Query<KeyQuery>) -> Response {
+    if let Err(response) = barrier(&state, q.serializable).await {
+        return response;
+    }
     let key = q.key.clone();
-    match blocking(&replica, move |r| r.store().get(key.as_bytes())).await {
+    match blocking(&state, move |r| r.store().get(key.as_bytes())).await {
         Ok(Some(v)) => Json(value_out(q.key.as_bytes(), &v)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("key {:?} not found", q.key)),
         Err(response) => response,
@@ -185,7 +405,7 @@ fn to_op(i: usize, op: OpIn) -> Result<Op, String> {
     }
 }
 
-async fn txn(State(replica): State<Arc<Replica>>, body: axum::body::Bytes) -> Response {
+async fn txn(State(state): State<Arc<ApiState>>, body: axum::body::Bytes) -> Response {
     let input: TxnIn = match serde_json::from_slice(&body) {
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid transaction: {e}")),
@@ -206,7 +426,7 @@ async fn txn(State(replica): State<Arc<Replica>>, body: axum::body::Bytes) -> Re
         Ok(ops) => ops,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    match replica.propose(Command { ops }).await {
+    match state.replica.propose(Command { ops }).await {
         Ok(Applied::Done { revision }) => {
             Json(serde_json::json!({"revision": revision})).into_response()
         }
@@ -222,7 +442,7 @@ async fn txn(State(replica): State<Arc<Replica>>, body: axum::body::Bytes) -> Re
             error(StatusCode::CONFLICT, message)
         }
         Ok(Applied::AlreadyApplied) => error(StatusCode::INTERNAL_SERVER_ERROR, "entry replayed"),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => replica_error(e),
     }
 }
 
@@ -233,15 +453,20 @@ struct RangeQuery {
     limit: usize,
     #[serde(rename = "continue")]
     continue_token: Option<String>,
+    #[serde(default)]
+    serializable: bool,
 }
 
-async fn range(State(replica): State<Arc<Replica>>, Query(q): Query<RangeQuery>) -> Response {
+async fn range(State(state): State<Arc<ApiState>>, Query(q): Query<RangeQuery>) -> Response {
     let limit = if q.limit == 0 {
         MAX_PAGE
     } else {
         q.limit.min(MAX_PAGE)
     };
-    let result = blocking(&replica, move |r| {
+    if let Err(response) = barrier(&state, q.serializable).await {
+        return response;
+    }
+    let result = blocking(&state, move |r| {
         r.store()
             .range(q.prefix.as_bytes(), limit, q.continue_token.as_deref())
     })
@@ -275,14 +500,14 @@ fn event_out(e: &Event) -> serde_json::Value {
     serde_json::json!({"type": kind, "revision": e.revision, "object": value_out(&e.key, v)})
 }
 
-async fn watch(State(replica): State<Arc<Replica>>, Query(q): Query<WatchQuery>) -> Response {
+async fn watch(State(state): State<Arc<ApiState>>, Query(q): Query<WatchQuery>) -> Response {
     let wait = Duration::from_secs(q.timeout_seconds.unwrap_or(30)).min(MAX_WATCH_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
-    let mut revisions = replica.subscribe_revision();
+    let mut revisions = state.replica.subscribe_revision();
     loop {
         let prefix = q.prefix.clone();
         let after = q.after;
-        let events = match blocking(&replica, move |r| {
+        let events = match blocking(&state, move |r| {
             r.store().events_after(prefix.as_bytes(), after, MAX_PAGE)
         })
         .await

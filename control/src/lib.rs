@@ -8,6 +8,9 @@
 //! Kubernetes API.
 
 pub mod api;
+pub mod member;
+pub mod pki;
 pub mod raftlog;
 pub mod replica;
 pub mod store;
+pub mod transport;

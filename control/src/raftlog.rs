@@ -123,6 +123,12 @@ impl SledLog {
         }
     }
 
+    /// Whether the log holds no entry at all (nothing appended, nothing truncated).
+    pub fn is_empty(&self) -> bool {
+        self.last_index.load(Ordering::Relaxed) == 0
+            && self.truncated_index.load(Ordering::Relaxed) == 0
+    }
+
     /// Whether this log has a configuration (a member of some cluster).
     pub fn is_initialized(&self) -> Result<bool, LogError> {
         Ok(!self.conf_state()?.voters.is_empty())

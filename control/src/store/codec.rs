@@ -11,6 +11,10 @@ pub enum CodecError {
     Short { len: usize, need: usize },
     #[error("unknown event tag {0}")]
     Tag(u8),
+    #[error("member key is not 8 bytes of id")]
+    Length,
+    #[error("member address is not UTF-8")]
+    Utf8,
 }
 
 const VALUE_HEADER: usize = 24;

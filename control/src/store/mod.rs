@@ -153,6 +153,8 @@ pub const DIRECTORY_LOCK_WAIT: std::time::Duration = std::time::Duration::from_s
 const META_APPLIED: &[u8] = b"applied";
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACTED: &[u8] = b"compacted";
+/// `member/` ‖ id (8 bytes, big-endian) → the member's peer address (UTF-8).
+const META_MEMBER: &[u8] = b"member/";
 
 /// The state machine on sled: `kv` (key → value), `history` (revision ‖ key → event),
 /// `meta` (applied index, revision, compaction point).
@@ -234,6 +236,7 @@ impl Store {
         for name in [META_APPLIED, META_REVISION, META_COMPACTED] {
             self.meta_u64(name)?;
         }
+        self.members()?;
         Ok(())
     }
 
@@ -507,6 +510,52 @@ impl Store {
             }
         }
         Ok(events)
+    }
+
+    /// Applies the committed membership change `index`: member `id` now dials at `addr`,
+    /// or (`None`) is gone. Returns false when the entry was applied before.
+    pub fn apply_membership(
+        &self,
+        index: u64,
+        id: u64,
+        addr: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        if index <= self.applied_index()? {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        let key = [META_MEMBER, &id.to_be_bytes()[..]].concat();
+        match addr {
+            Some(addr) => batch.insert(key, addr.as_bytes()),
+            None => batch.remove(key),
+        }
+        batch.insert(META_APPLIED, codec::encode_u64(index).to_vec());
+        self.meta.apply_batch(batch)?;
+        Ok(true)
+    }
+
+    /// Marks entry `index` applied when it changes nothing here (a leader's empty
+    /// entry, a promotion), so that a restart does not apply it twice.
+    pub fn mark_applied(&self, index: u64) -> Result<(), StoreError> {
+        if index > self.applied_index()? {
+            self.meta
+                .insert(META_APPLIED, codec::encode_u64(index).to_vec())?;
+        }
+        Ok(())
+    }
+
+    /// The members and their peer addresses, as applied.
+    pub fn members(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.meta.scan_prefix(META_MEMBER) {
+            let (key, addr) = item?;
+            let id = <[u8; 8]>::try_from(&key[META_MEMBER.len()..])
+                .map_err(|_| self.corrupt("meta", &key, CodecError::Length))?;
+            let addr = std::str::from_utf8(&addr)
+                .map_err(|_| self.corrupt("meta", &key, CodecError::Utf8))?;
+            out.push((u64::from_be_bytes(id), addr.to_owned()));
+        }
+        Ok(out)
     }
 
     /// Drops history before `revision` (never past the store's revision). Watches from
