@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -50,7 +49,7 @@ impl Server {
         }
         self.child = Some(command.spawn().expect("brink server"));
         wait_for("the member to be ready", || {
-            http(self.addr, "GET", "/readyz", None)
+            http_json(self.addr, "GET", "/readyz", None)
                 .ok()
                 .filter(|(status, _)| *status == 200)
         });
@@ -86,40 +85,10 @@ impl Drop for Server {
     }
 }
 
-/// One HTTP/1.1 request with an optional JSON body: (status, body).
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = body.unwrap_or("");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no status"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 fn create(addr: SocketAddr, key: &str, value: &str) -> std::io::Result<(u16, String)> {
     let body =
         serde_json::json!({"ops": [{"op": "create", "key": key, "value": value}]}).to_string();
-    http(addr, "POST", "/v0/txn", Some(&body))
+    http_json(addr, "POST", "/v0/txn", Some(&body))
 }
 
 #[test]
@@ -158,7 +127,7 @@ fn a_single_voter_serves_the_store_and_keeps_it_across_restarts() {
     let listed = stdout(&server.store(&["list", "/pods/", "--limit", "1"]));
     assert_eq!(listed.lines().count(), 2, "pages are followed: {listed}");
     // A watch from the beginning sees every change under the prefix, in order.
-    let (status, body) = http(
+    let (status, body) = http_json(
         server.addr,
         "GET",
         "/v0/watch?prefix=/pods/&after=0&timeoutSeconds=1",
@@ -195,7 +164,7 @@ fn a_single_voter_serves_the_store_and_keeps_it_across_restarts() {
     let got: Value =
         serde_json::from_str(&stdout(&server.store(&["get", "/pods/default/a"]))).expect("json");
     assert_eq!(got["value"], "two");
-    let metrics = http(server.addr, "GET", "/metrics", None).unwrap().1;
+    let metrics = http_json(server.addr, "GET", "/metrics", None).unwrap().1;
     assert!(metrics.contains("brink_raft_is_leader 1"), "{metrics}");
 }
 
@@ -242,7 +211,8 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
     );
     let mut revisions = std::collections::HashSet::new();
     for (key, revision) in &acknowledged {
-        let (status, body) = http(server.addr, "GET", &format!("/v0/get?key={key}"), None).unwrap();
+        let (status, body) =
+            http_json(server.addr, "GET", &format!("/v0/get?key={key}"), None).unwrap();
         assert_eq!(status, 200, "acknowledged write {key} lost after kill -9");
         let value: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(value["modRevision"].as_u64(), Some(*revision), "{key}");
@@ -256,7 +226,7 @@ fn kill_9_under_load_loses_no_acknowledged_write() {
 #[test]
 fn garbage_requests_are_refused_and_change_nothing() {
     let server = Server::init();
-    let before = http(server.addr, "GET", "/v0/range?prefix=/", None)
+    let before = http_json(server.addr, "GET", "/v0/range?prefix=/", None)
         .unwrap()
         .1;
     for body in [
@@ -271,7 +241,7 @@ fn garbage_requests_are_refused_and_change_nothing() {
         "{\"ops\": [{\"op\": \"create\", \"key\": \"/a\", \"value\": \"x\", \"extra\": 1}]}",
         "{\"ops\": [{\"op\": \"create\", \"key\": \"/a\", \"value\": \"x\"}, {\"op\": \"update\", \"key\": \"/a\", \"value\": \"y\"}]}",
     ] {
-        let (status, answer) = http(server.addr, "POST", "/v0/txn", Some(body)).unwrap();
+        let (status, answer) = http_json(server.addr, "POST", "/v0/txn", Some(body)).unwrap();
         assert!(
             status == 400 || status == 409,
             "{body:?} → {status} {answer}"
@@ -285,11 +255,11 @@ fn garbage_requests_are_refused_and_change_nothing() {
         "/v0/get",
         "/v0/watch?prefix=/&after=x",
     ] {
-        let (status, _) = http(server.addr, "GET", path, None).unwrap();
+        let (status, _) = http_json(server.addr, "GET", path, None).unwrap();
         assert_eq!(status, 400, "{path}");
     }
     assert_eq!(
-        http(server.addr, "GET", "/v0/range?prefix=/", None)
+        http_json(server.addr, "GET", "/v0/range?prefix=/", None)
             .unwrap()
             .1,
         before

@@ -1,6 +1,9 @@
-//! `brink-chaos`: the chaos harness (not built yet).
+//! `brink-chaos`: the chaos harness.
 //!
-//! It will own hosts as network namespaces, the fault catalog, workload generators, history
-//! checkers and reports. It drives Brink (or any cluster) only from the outside, through
-//! processes, sockets and the Kubernetes API; it must not link into a node's or the control
-//! plane's internals.
+//! Today: the history checkers ([`linearizability`]: a Wing-Gong-Lowe search over any
+//! sequential model, with the register model of one key in a revisioned store). To come:
+//! hosts as network namespaces, the fault catalog, workload generators and reports. It
+//! drives Brink (or any cluster) only from the outside, through processes, sockets and
+//! the Kubernetes API; it must not link into a node's or the control plane's internals.
+
+pub mod linearizability;

@@ -218,6 +218,7 @@ pub async fn start(settings: MemberSettings, how: Start) -> Result<RunningMember
             peer_addr: settings.advertise.clone(),
         }
     };
+    let request_timeout = settings.replica.request_timeout;
     let replica_settings = ReplicaSettings {
         id: file.id,
         ..settings.replica
@@ -233,6 +234,7 @@ pub async fn start(settings: MemberSettings, how: Start) -> Result<RunningMember
     let handler = Arc::new(Handler {
         replica: replica.clone(),
         pki: pki.clone(),
+        request_timeout,
     });
     let serve = tokio::spawn(transport.clone().serve(handler));
     Ok(RunningMember {
@@ -247,6 +249,7 @@ pub async fn start(settings: MemberSettings, how: Start) -> Result<RunningMember
 struct Handler {
     replica: Arc<Replica>,
     pki: MemberPki,
+    request_timeout: std::time::Duration,
 }
 
 impl PeerHandler for Handler {
@@ -271,7 +274,41 @@ impl PeerHandler for Handler {
     }
 }
 
+/// How long one attempt at a membership change waits before looking whether it took
+/// effect and trying again: raft drops a change proposed while another is pending (a new
+/// leader's first moments, a promotion) without a word to the proposer.
+pub const CONF_CHANGE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Handler {
+    /// Proposes `change` until `done` holds for the applied configuration, or the
+    /// replica's request timeout has passed several times over.
+    async fn change_until(
+        &self,
+        change: ConfChange,
+        done: impl Fn(&raft::prelude::ConfState) -> bool,
+    ) -> Result<(), ReplicaError> {
+        let deadline = tokio::time::Instant::now() + 3 * self.request_timeout;
+        loop {
+            let attempt = tokio::time::timeout(
+                CONF_CHANGE_ATTEMPT,
+                self.replica.change_membership(change.clone()),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(ReplicaError::Timeout(_) | ReplicaError::Dropped(_))) | Err(_) => {}
+                Ok(Err(e)) => return Err(e),
+            }
+            if done(&self.replica.conf_state()) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ReplicaError::Timeout(3 * self.request_timeout));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     async fn members(&self) -> Result<Vec<(u64, String)>, String> {
         let replica = self.replica.clone();
         tokio::task::spawn_blocking(move || replica.store().members())
@@ -302,10 +339,12 @@ impl Handler {
             let mut change = ConfChange::default();
             change.set_change_type(ConfChangeType::RemoveNode);
             change.node_id = *old;
-            self.replica
-                .change_membership(change)
-                .await
-                .map_err(|e| format!("removing the old member {old:x}: {e}"))?;
+            let old = *old;
+            self.change_until(change, |conf| {
+                !conf.voters.contains(&old) && !conf.learners.contains(&old)
+            })
+            .await
+            .map_err(|e| format!("removing the old member {old}: {e}"))?;
         }
         let id = loop {
             // Small ids read well in logs and metrics; 2^32 leaves collisions unlikely and
@@ -319,10 +358,11 @@ impl Handler {
         change.set_change_type(ConfChangeType::AddLearnerNode);
         change.node_id = id;
         change.context = peer_addr.as_bytes().to_vec().into();
-        self.replica
-            .change_membership(change)
-            .await
-            .map_err(|e| format!("adding the member: {e}"))?;
+        self.change_until(change, |conf| {
+            conf.learners.contains(&id) || conf.voters.contains(&id)
+        })
+        .await
+        .map_err(|e| format!("adding the member: {e}"))?;
         tracing::info!(member = id, %peer_addr, "admitted a new member as a learner");
         let members = self.members().await?;
         Ok(Frame::JoinAccepted {

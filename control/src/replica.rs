@@ -626,7 +626,7 @@ impl ReadyLoop {
             return Ok(());
         }
         if let Some((_, since)) = self.promoting
-            && since.elapsed() < self.settings.request_timeout
+            && since.elapsed() < self.settings.tick * self.settings.election_ticks as u32
         {
             return Ok(());
         }
@@ -644,7 +644,11 @@ impl ReadyLoop {
                     .raft
                     .prs()
                     .get(*id)
-                    .is_some_and(|p| p.matched + self.settings.promote_lag >= committed)
+                    // matched > 0: a learner that has not answered yet has caught up
+                    // with nothing, however young the log.
+                    .is_some_and(|p| {
+                        p.matched > 0 && p.matched + self.settings.promote_lag >= committed
+                    })
             });
         let Some(id) = candidate else {
             return Ok(());

@@ -41,6 +41,10 @@ pub struct TransportSettings {
     pub backoff_max: Duration,
     /// A connection silent for this long is dead (keep-alives go at a third of it).
     pub idle_timeout: Duration,
+    /// The first connection attempt to a peer gives up after this (doubling on each
+    /// failure up to `idle_timeout`): a peer that is not listening yet (a newcomer still
+    /// binding its port) is tried again soon rather than after QUIC's own retransmits.
+    pub connect_timeout: Duration,
     /// How long a join may take, end to end.
     pub join_timeout: Duration,
 }
@@ -53,7 +57,8 @@ impl Default for TransportSettings {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(5),
-            join_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_millis(250),
+            join_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -375,10 +380,22 @@ impl Transport {
         mut queued: tokio::sync::mpsc::Receiver<Vec<u8>>,
     ) {
         let mut backoff = self.settings.backoff_min;
+        let mut connect_timeout = self.settings.connect_timeout;
         loop {
-            match self.stream_to(id, &addr, &mut queued).await {
+            let started = std::time::Instant::now();
+            match self
+                .stream_to(id, &addr, &mut queued, connect_timeout)
+                .await
+            {
                 Ok(()) => return,
                 Err(e) => {
+                    if started.elapsed() > self.settings.idle_timeout {
+                        // The link was up for a while: start over from the shortest waits.
+                        backoff = self.settings.backoff_min;
+                        connect_timeout = self.settings.connect_timeout;
+                    } else {
+                        connect_timeout = (connect_timeout * 2).min(self.settings.idle_timeout);
+                    }
                     self.metrics
                         .connect_failures
                         .fetch_add(1, Ordering::Relaxed);
@@ -406,8 +423,14 @@ impl Transport {
         id: u64,
         addr: &str,
         queued: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+        connect_timeout: Duration,
     ) -> Result<(), TransportError> {
-        let conn = connect(&self.endpoint, self.client.clone(), addr).await?;
+        let conn = tokio::time::timeout(
+            connect_timeout,
+            connect(&self.endpoint, self.client.clone(), addr),
+        )
+        .await
+        .map_err(|_| TransportError::Timeout(connect_timeout))??;
         let mut send = conn.open_uni().await.map_err(|e| TransportError::Stream {
             addr: addr.to_owned(),
             message: e.to_string(),

@@ -37,7 +37,10 @@ pub fn free_port() -> u16 {
     for _ in 0..span {
         let i = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = base + (offset.wrapping_add(i.wrapping_mul(7))) % span;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        // Free for TCP and UDP both (control-plane members speak QUIC over UDP).
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
             return port;
         }
     }
@@ -170,6 +173,36 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = data.get(size + 2..).unwrap_or_default();
     }
     out
+}
+
+/// One HTTP/1.1 request with an optional JSON body: (status, body).
+pub fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// A real OCI registry (Debian's `docker-registry`) on a free loopback port.
