@@ -27,6 +27,9 @@ const KIND_RAFT: u8 = 2;
 const KIND_JOIN_REQUEST: u8 = 3;
 const KIND_JOIN_ACCEPTED: u8 = 4;
 const KIND_JOIN_REFUSED: u8 = 5;
+const KIND_SNAPSHOT_BEGIN: u8 = 6;
+const KIND_SNAPSHOT_CHUNK: u8 = 7;
+const KIND_SNAPSHOT_END: u8 = 8;
 
 /// A member of the cluster and the address its peers dial.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,14 @@ pub enum Frame {
     },
     /// The join was refused, and why.
     JoinRefused { reason: String },
+    /// Opens a snapshot on a member's raft stream (after its Hello): the raft
+    /// `MsgSnapshot` that carries the snapshot's index, term and configuration, and the
+    /// size of the snapshot file that follows as chunks.
+    SnapshotBegin { message: Vec<u8>, size: u64 },
+    /// The next bytes of the snapshot file.
+    SnapshotChunk { bytes: Vec<u8> },
+    /// The snapshot file is complete; its SHA-256 (the file also checks itself).
+    SnapshotEnd { sha256: [u8; 32] },
 }
 
 /// Why bytes are not a frame.
@@ -134,6 +145,19 @@ pub fn encode_frame(frame: &Frame) -> Vec<u8> {
         Frame::JoinRefused { reason } => {
             out.push(KIND_JOIN_REFUSED);
             put_bytes(&mut out, reason.as_bytes());
+        }
+        Frame::SnapshotBegin { message, size } => {
+            out.push(KIND_SNAPSHOT_BEGIN);
+            put_bytes(&mut out, message);
+            out.extend_from_slice(&size.to_be_bytes());
+        }
+        Frame::SnapshotChunk { bytes } => {
+            out.push(KIND_SNAPSHOT_CHUNK);
+            put_bytes(&mut out, bytes);
+        }
+        Frame::SnapshotEnd { sha256 } => {
+            out.push(KIND_SNAPSHOT_END);
+            out.extend_from_slice(sha256);
         }
     }
     let len = (out.len() - 4) as u32;
@@ -260,6 +284,18 @@ pub fn decode_frame(body: &[u8]) -> Result<Frame, FrameError> {
         KIND_JOIN_REFUSED => Frame::JoinRefused {
             reason: r.string("reason")?,
         },
+        KIND_SNAPSHOT_BEGIN => Frame::SnapshotBegin {
+            message: r.bytes("snapshot message", MAX_STRING_BYTES)?.to_vec(),
+            size: r.u64("snapshot size")?,
+        },
+        KIND_SNAPSHOT_CHUNK => Frame::SnapshotChunk {
+            bytes: r.bytes("snapshot chunk", MAX_FRAME_BYTES)?.to_vec(),
+        },
+        KIND_SNAPSHOT_END => {
+            let mut sha256 = [0u8; 32];
+            sha256.copy_from_slice(r.take(32, "snapshot digest")?);
+            Frame::SnapshotEnd { sha256 }
+        }
         other => return Err(FrameError::Kind(other)),
     };
     if !r.rest.is_empty() {
@@ -304,6 +340,15 @@ mod tests {
             Frame::JoinRefused {
                 reason: "the join token is wrong".into(),
             },
+            Frame::SnapshotBegin {
+                message: vec![7; 40],
+                size: 1 << 33,
+            },
+            Frame::SnapshotChunk {
+                bytes: vec![0x5A; 1000],
+            },
+            Frame::SnapshotChunk { bytes: vec![] },
+            Frame::SnapshotEnd { sha256: [3; 32] },
         ]
     }
 
