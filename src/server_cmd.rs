@@ -57,6 +57,18 @@ pub struct ServerArgs {
     /// Raft messages queued for one peer before new ones are dropped.
     #[arg(long, default_value_t = 4096)]
     peer_queue: usize,
+    /// Applied entries between two snapshots; each snapshot lets the raft log be
+    /// truncated.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_entries: u64,
+    /// Entries kept in the log behind a snapshot, so a member a little behind catches up
+    /// from the log rather than by a whole snapshot.
+    #[arg(long, default_value_t = 5_000)]
+    catch_up_entries: u64,
+    /// How often the leader compacts the store's history (0s: never); each compaction
+    /// keeps at least one interval of history for watches to resume from.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    compact_interval: Duration,
 }
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
@@ -67,6 +79,10 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     anyhow::ensure!(args.peer_queue >= 1, "--peer-queue must be at least 1");
+    anyhow::ensure!(
+        args.snapshot_entries >= 1,
+        "--snapshot-entries must be at least 1"
+    );
     anyhow::ensure!(
         !args.request_timeout.is_zero(),
         "--request-timeout must be positive"
@@ -120,6 +136,9 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
             heartbeat_ticks: args.heartbeat_ticks,
             max_batch: args.max_batch,
             request_timeout: args.request_timeout,
+            snapshot_entries: args.snapshot_entries,
+            catch_up_entries: args.catch_up_entries,
+            compact_interval: args.compact_interval,
             ..ReplicaSettings::default()
         },
         transport: TransportSettings {

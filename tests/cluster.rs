@@ -27,6 +27,10 @@ use serde_json::Value;
 const TICK: &str = "20ms";
 /// How long a write or linearizable read waits for an answer in these tests.
 const REQUEST_TIMEOUT: &str = "2s";
+/// Snapshots every 100 entries, keeping 20 behind: under these tests' load every member
+/// snapshots and truncates its log many times, and a member that falls behind or comes
+/// back empty is sent a snapshot.
+const SNAPSHOT_FLAGS: [&str; 4] = ["--snapshot-entries", "100", "--catch-up-entries", "20"];
 
 struct Member {
     api: SocketAddr,
@@ -75,6 +79,7 @@ impl Member {
             .args(["--listen", &self.api.to_string()])
             .args(["--peer-listen", &self.peer.to_string()])
             .args(["--raft-tick", TICK, "--request-timeout", REQUEST_TIMEOUT])
+            .args(SNAPSHOT_FLAGS)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -130,6 +135,13 @@ impl Member {
             Ok((200, body)) => serde_json::from_str(&body).ok(),
             _ => None,
         }
+    }
+
+    /// A value from this member's `/metrics`.
+    fn metric(&self, name: &str) -> Option<u64> {
+        let (_, text) = http_json(self.api, "GET", "/metrics", None).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 }
 
@@ -701,7 +713,11 @@ fn members_rejoin_after_a_wipe_grow_to_five_shrink_and_restart_whole() {
     std::thread::sleep(Duration::from_millis(800));
 
     // A follower loses its disk and comes back at the same address as a new member.
+    // The leader's log no longer starts at 1, so the newcomer must be sent a snapshot.
     let leader = cluster.leader();
+    wait_for("the leader to truncate its log", || {
+        (cluster.members[leader].metric("brink_raft_log_first_index")? > 1).then_some(())
+    });
     let wiped = (0..3).find(|&i| i != leader).expect("a follower");
     let old_id = cluster.members[wiped].id().expect("id");
     cluster.members[wiped].kill9();
@@ -717,6 +733,13 @@ fn members_rejoin_after_a_wipe_grow_to_five_shrink_and_restart_whole() {
             .then_some(v)
     });
     eprintln!("after the wipe: {view}");
+    let installed = wait_for("the rejoined member's snapshot count", || {
+        cluster.members[wiped].metric("brink_raft_snapshots_installed_total")
+    });
+    assert!(
+        installed >= 1,
+        "the rejoined member caught up without a snapshot"
+    );
 
     // Grow to five under load, then kill the leader of five.
     let via = cluster.members[cluster.leader()].peer;

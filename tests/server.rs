@@ -16,17 +16,24 @@ struct Server {
     peer: SocketAddr,
     dir: std::path::PathBuf,
     child: Option<Child>,
+    /// Flags given on every start.
+    extra: Vec<String>,
     _tmp: tempfile::TempDir,
 }
 
 impl Server {
     fn init() -> Server {
+        Self::init_with(&[])
+    }
+
+    fn init_with(extra: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut server = Server {
             addr: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
             peer: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
             dir: tmp.path().join("member"),
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: tmp,
         };
         server.spawn(true);
@@ -41,6 +48,7 @@ impl Server {
             .arg(&self.dir)
             .args(["--listen", &self.addr.to_string(), "--raft-tick", "20ms"])
             .args(["--peer-listen", &self.peer.to_string()])
+            .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -168,9 +176,56 @@ fn a_single_voter_serves_the_store_and_keeps_it_across_restarts() {
     assert!(metrics.contains("brink_raft_is_leader 1"), "{metrics}");
 }
 
+/// A value from the member's `/metrics`.
+fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
+    let (_, text) = http_json(addr, "GET", "/metrics", None).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn watch_status(addr: SocketAddr, after: u64) -> u16 {
+    let path = format!("/v0/watch?prefix=/c/&after={after}&timeoutSeconds=1");
+    http_json(addr, "GET", &path, None).expect("watch").0
+}
+
+#[test]
+fn the_leader_compacts_history_on_its_interval_and_it_stays_compacted() {
+    let mut server = Server::init_with(&["--compact-interval", "300ms"]);
+    let revision = |(status, body): (u16, String)| {
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).expect("json")["revision"]
+            .as_u64()
+            .expect("revision")
+    };
+    let first = revision(create(server.addr, "/c/a", "1").unwrap());
+    let second = revision(create(server.addr, "/c/b", "2").unwrap());
+    // The compaction after next drops what is older than the revision seen an interval
+    // earlier: a watch from before `second` is then gone, one from `second` is not.
+    wait_for("history to be compacted past the first write", || {
+        (metric(server.addr, "brink_store_compacted_revision")? >= second).then_some(())
+    });
+    assert_eq!(watch_status(server.addr, first - 1), 410);
+    assert_eq!(watch_status(server.addr, second - 1), 200);
+    let (status, body) = http_json(server.addr, "GET", "/v0/get?key=/c/a", None).unwrap();
+    assert_eq!(
+        status, 200,
+        "compaction drops history, never values: {body}"
+    );
+    server.kill9();
+    server.extra = vec!["--compact-interval".into(), "0s".into()];
+    server.spawn(false);
+    assert_eq!(
+        watch_status(server.addr, first - 1),
+        410,
+        "compaction survives a restart"
+    );
+}
+
 #[test]
 fn kill_9_under_load_loses_no_acknowledged_write() {
-    let mut server = Server::init();
+    // Small snapshot settings, so that kills also land while snapshots are written and
+    // the log truncated.
+    let mut server = Server::init_with(&["--snapshot-entries", "50", "--catch-up-entries", "10"]);
     let mut acknowledged: Vec<(String, u64)> = Vec::new();
     for round in 0..3 {
         let addr = server.addr;

@@ -164,8 +164,22 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         (
             "brink_raft_log_last_index",
             "gauge",
-            "The last index in this member's raft log (the log is never truncated yet).",
+            "The last index in this member's raft log.",
             load(&m.last_index).to_string(),
+        ),
+        (
+            "brink_raft_log_first_index",
+            "gauge",
+            "The first index still in the raft log (earlier ones are in a snapshot).",
+            load(&m.first_index).to_string(),
+        ),
+        (
+            "brink_raft_log_entries",
+            "gauge",
+            "Entries in this member's raft log.",
+            (load(&m.last_index) + 1)
+                .saturating_sub(load(&m.first_index))
+                .to_string(),
         ),
         (
             "brink_raft_term",
@@ -234,10 +248,40 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             load(&m.learners).to_string(),
         ),
         (
-            "brink_raft_snapshots_total",
+            "brink_store_compactions_total",
             "counter",
-            "Snapshots sent or installed (not built yet: always 0).",
-            "0".into(),
+            "History compactions applied here.",
+            load(&m.compactions).to_string(),
+        ),
+        (
+            "brink_store_compacted_revision",
+            "gauge",
+            "History before this revision is gone (watches from earlier get 410).",
+            replica.store().compacted().unwrap_or(0).to_string(),
+        ),
+        (
+            "brink_raft_snapshots_made_total",
+            "counter",
+            "Snapshots written here (each lets the log be truncated).",
+            load(&m.snapshots_made).to_string(),
+        ),
+        (
+            "brink_raft_snapshots_installed_total",
+            "counter",
+            "Snapshots received from a leader and installed.",
+            load(&m.snapshots_installed).to_string(),
+        ),
+        (
+            "brink_raft_snapshots_sent_total",
+            "counter",
+            "Snapshots sent whole to members that fell behind.",
+            load(&m.snapshots_sent).to_string(),
+        ),
+        (
+            "brink_raft_snapshot_send_failures_total",
+            "counter",
+            "Snapshot sends that failed (raft tries again).",
+            load(&m.snapshots_send_failures).to_string(),
         ),
     ];
     if let Some(t) = &state.transport {

@@ -207,6 +207,7 @@ pub async fn start(settings: MemberSettings, how: Start) -> Result<RunningMember
         endpoint,
         &pki,
         settings.transport.clone(),
+        dir.join(crate::replica::SNAPSHOT_DIR),
     )?;
     for m in &seed_members {
         transport.set_peer(m.id, &m.peer_addr);
@@ -255,6 +256,28 @@ struct Handler {
 impl PeerHandler for Handler {
     fn step(&self, message: Message) {
         self.replica.step(message);
+    }
+
+    fn receive_snapshot(&self, message: Message, file: &Path) -> Result<(), String> {
+        let meta = message.get_snapshot().get_metadata();
+        let header = crate::store::snapshot::verify(file).map_err(|e| e.to_string())?;
+        if header.index != meta.index || header.term != meta.term {
+            return Err(format!(
+                "the snapshot file holds index {} term {}, its message says {} and {}",
+                header.index, header.term, meta.index, meta.term
+            ));
+        }
+        let dir = self.replica.snapshot_dir();
+        let target = dir.join(crate::store::snapshot::file_name(meta.index));
+        std::fs::rename(file, &target)
+            .and_then(|()| std::fs::File::open(&dir)?.sync_all())
+            .map_err(|e| format!("{}: {e}", target.display()))?;
+        self.replica.step(message);
+        Ok(())
+    }
+
+    fn snapshot_sent(&self, to: u64, ok: bool) {
+        self.replica.snapshot_sent(to, ok);
     }
 
     fn join(

@@ -5,7 +5,8 @@
 //! state machine's trees; both live in one sled database so one flush makes a whole ready
 //! batch durable. Writes are made only by the ready loop; raft reads through the trait.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
@@ -39,6 +40,47 @@ pub struct SledLog {
     last_index: AtomicU64,
     truncated_index: AtomicU64,
     truncated_term: AtomicU64,
+    /// The newest snapshot file this member holds (what raft sends a member that needs
+    /// entries the log no longer has); its data is empty: the file travels beside the
+    /// message, in chunks.
+    snapshot: Mutex<Option<Snapshot>>,
+    /// Raft asked for a snapshot newer than the one held (or none was held).
+    snapshot_wanted: AtomicBool,
+}
+
+fn truncated_record(index: u64, term: u64) -> Vec<u8> {
+    [index.to_be_bytes(), term.to_be_bytes()].concat()
+}
+
+/// Resets the log trees in `db` to start after a snapshot at `index`/`term` with `conf`:
+/// every entry goes, the hard state's commit and term rise to the snapshot's if lower.
+/// Used while installing a snapshot (and finishing an interrupted install before the log
+/// is opened).
+pub fn reset_to_snapshot(
+    db: &sled::Db,
+    index: u64,
+    term: u64,
+    conf: &ConfState,
+) -> Result<(), LogError> {
+    let log = db.open_tree("raft_log")?;
+    let state = db.open_tree("raft_state")?;
+    // The truncation point first: entries left behind by a crash below it are ignored
+    // and removed on open.
+    state.insert(TRUNCATED, truncated_record(index, term))?;
+    log.clear()?;
+    let conf_bytes = conf
+        .write_to_bytes()
+        .map_err(|e| corrupt("conf state", e))?;
+    state.insert(CONF_STATE, conf_bytes)?;
+    let mut hs = match state.get(HARD_STATE)? {
+        None => HardState::default(),
+        Some(bytes) => HardState::parse_from_bytes(&bytes).map_err(|e| corrupt("hard state", e))?,
+    };
+    hs.commit = hs.commit.max(index);
+    hs.term = hs.term.max(term);
+    let hs_bytes = hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?;
+    state.insert(HARD_STATE, hs_bytes)?;
+    Ok(())
 }
 
 fn corrupt(what: impl Into<String>, message: impl std::fmt::Display) -> LogError {
@@ -72,6 +114,15 @@ impl SledLog {
                 )
             }
         };
+        // Entries at or below the truncation point are left over from a compaction that
+        // a crash interrupted: they are no longer part of the log.
+        let stale: Vec<sled::IVec> = log
+            .range(..index_key(truncated_index + 1))
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for key in stale {
+            log.remove(key)?;
+        }
         let mut expected = truncated_index + 1;
         for item in log.iter() {
             let (key, bytes) = item?;
@@ -99,6 +150,8 @@ impl SledLog {
             last_index: AtomicU64::new(expected - 1),
             truncated_index: AtomicU64::new(truncated_index),
             truncated_term: AtomicU64::new(truncated_term),
+            snapshot: Mutex::new(None),
+            snapshot_wanted: AtomicBool::new(false),
         };
         this.hard_state()?;
         this.conf_state()?;
@@ -174,6 +227,76 @@ impl SledLog {
         Ok(())
     }
 
+    /// The first index still in the log.
+    pub fn first(&self) -> u64 {
+        self.truncated_index.load(Ordering::Relaxed) + 1
+    }
+
+    /// Removes entries up to and including `index` (which must be applied, and covered
+    /// by a snapshot file so that a member needing them can be sent that instead).
+    pub fn compact(&self, index: u64) -> Result<(), LogError> {
+        let truncated = self.truncated_index.load(Ordering::Relaxed);
+        let index = index.min(self.last_index.load(Ordering::Relaxed));
+        if index <= truncated {
+            return Ok(());
+        }
+        let term = self
+            .entry(index)?
+            .ok_or_else(|| corrupt(format!("entry {index}"), "missing from the log"))?
+            .term;
+        self.state
+            .insert(TRUNCATED, truncated_record(index, term))?;
+        self.truncated_index.store(index, Ordering::Relaxed);
+        self.truncated_term.store(term, Ordering::Relaxed);
+        let mut batch = sled::Batch::default();
+        for old in truncated + 1..=index {
+            batch.remove(&index_key(old));
+        }
+        self.log.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Starts the log after an installed snapshot (see [`reset_to_snapshot`]).
+    pub fn apply_snapshot(
+        &self,
+        db: &sled::Db,
+        index: u64,
+        term: u64,
+        conf: &ConfState,
+    ) -> Result<(), LogError> {
+        reset_to_snapshot(db, index, term, conf)?;
+        self.truncated_index.store(index, Ordering::Relaxed);
+        self.truncated_term.store(term, Ordering::Relaxed);
+        self.last_index.store(index, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Offers the snapshot file at `index` to raft for members that fell behind.
+    pub fn set_snapshot(&self, index: u64, term: u64, conf: ConfState) {
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(conf);
+        if let Ok(mut held) = self.snapshot.lock() {
+            *held = Some(snapshot);
+        }
+        self.snapshot_wanted.store(false, Ordering::Relaxed);
+    }
+
+    /// The index of the snapshot offered, if any.
+    pub fn snapshot_index(&self) -> Option<u64> {
+        self.snapshot
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|s| s.get_metadata().index))
+    }
+
+    /// Whether raft asked for a snapshot newer than the one offered (and clears it).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::Relaxed)
+    }
+
     fn entry(&self, index: u64) -> Result<Option<Entry>, LogError> {
         self.log
             .get(index_key(index))?
@@ -237,12 +360,30 @@ impl Storage for SledLog {
         Ok(self.last_index.load(Ordering::Relaxed))
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshots to members that fell behind come with multi-voter clusters (issue 5,
-        // next part); until then no member ever needs one.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // Only "temporarily unavailable" is an answer raft takes calmly (any other error
+        // is fatal to it): the ready loop makes a snapshot and raft asks again.
+        let held = self.snapshot.lock().ok().and_then(|s| s.clone());
+        match held {
+            // A member refuses a snapshot whose configuration does not hold it (one
+            // taken before it was added): that needs a newer one.
+            Some(s)
+                if s.get_metadata().index >= request_index
+                    && s.get_metadata().index >= self.truncated_index.load(Ordering::Relaxed)
+                    && {
+                        let conf = s.get_metadata().get_conf_state();
+                        conf.voters.contains(&to) || conf.learners.contains(&to)
+                    } =>
+            {
+                Ok(s)
+            }
+            _ => {
+                self.snapshot_wanted.store(true, Ordering::Relaxed);
+                Err(raft::Error::Store(
+                    StorageError::SnapshotTemporarilyUnavailable,
+                ))
+            }
+        }
     }
 }
 
@@ -302,6 +443,82 @@ mod tests {
         assert!(
             log.entries(1, 4, None, GetEntriesContext::empty(false))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn compaction_truncates_the_front_and_snapshots_are_offered_only_to_members_they_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).unwrap();
+        let log = SledLog::open(&db).unwrap();
+        let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 5, b"x")).collect();
+        log.append(&entries).unwrap();
+        log.compact(6).unwrap();
+        assert_eq!((log.first_index().unwrap(), log.term(6).unwrap()), (7, 2));
+        assert_eq!(
+            log.entries(6, 8, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        );
+        // A crash between the truncation point and the removals leaves old entries
+        // behind: they are dropped on open, not taken for a hole.
+        log.log
+            .insert(index_key(3), entries[2].write_to_bytes().unwrap())
+            .unwrap();
+        drop(log);
+        let log = SledLog::open(&db).unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (7, 10)
+        );
+        assert!(log.log.get(index_key(3)).unwrap().is_none());
+
+        // No snapshot held: raft is told to wait, and the loop is asked for one.
+        assert_eq!(
+            log.snapshot(0, 2),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        );
+        assert!(log.take_snapshot_wanted());
+        log.set_snapshot(
+            8,
+            2,
+            ConfState {
+                voters: vec![1, 2],
+                ..Default::default()
+            },
+        );
+        assert_eq!(log.snapshot(0, 2).unwrap().get_metadata().index, 8);
+        // Member 3 came after the snapshot: it would refuse it, so a newer one is asked.
+        assert!(log.snapshot(0, 3).is_err());
+        assert!(log.take_snapshot_wanted());
+
+        // Installing a snapshot empties the log and starts it after the snapshot.
+        log.apply_snapshot(
+            &db,
+            20,
+            4,
+            &ConfState {
+                voters: vec![1, 3],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (21, 20)
+        );
+        assert_eq!(log.term(20).unwrap(), 4);
+        let state = log.initial_state().unwrap();
+        assert_eq!(
+            (state.hard_state.commit, state.conf_state.voters),
+            (20, vec![1, 3])
+        );
+        drop(log);
+        let log = SledLog::open(&db).unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (21, 20)
         );
     }
 

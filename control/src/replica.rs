@@ -11,8 +11,12 @@
 //! to voter once it has caught up. Messages to other members go through a
 //! [`Transport`](crate::transport::Transport); the replica never waits on the network.
 //!
-//! Not built yet: snapshots (the log is never truncated, so a member that joins or falls
-//! behind catches up from the log itself).
+//! Snapshots: every `snapshot_entries` applied entries (or when raft needs one for a
+//! member whose entries the log no longer has) the loop writes the whole state machine to
+//! a snapshot file and truncates the log, keeping `catch_up_entries` behind for members
+//! that are only a little behind. The transport streams the file in chunks; a received
+//! snapshot is checked whole before raft sees it, and installed crash-safely (an
+//! interrupted install is finished on the next start).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +30,11 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfState, Entry, EntryType, Har
 use raft::{RawNode, StateRole};
 
 use crate::raftlog::{LogError, SledLog};
-use crate::store::{Applied, Command, Store, StoreError, decode_command, encode_command};
+use crate::store::snapshot::{self, SnapshotError, SnapshotHeader};
+use crate::store::{
+    Applied, Command, EntryCommand, Store, StoreError, decode_entry, encode_command,
+    encode_compaction,
+};
 use crate::transport::Transport;
 
 /// A replica's settings; every interval and limit is named here.
@@ -49,6 +57,16 @@ pub struct ReplicaSettings {
     /// A learner is promoted once its log is within this many entries of the leader's
     /// commit index.
     pub promote_lag: u64,
+    /// Applied entries between two snapshots (each snapshot lets the log be truncated).
+    pub snapshot_entries: u64,
+    /// Entries kept in the log behind a snapshot, so a member only a little behind
+    /// catches up from the log rather than by a whole snapshot.
+    pub catch_up_entries: u64,
+    /// How often the leader compacts the store's history (zero: never). Each time it
+    /// drops what is older than the revision it saw the time before, so watches can
+    /// resume from at least one interval back, as the Kubernetes API server compacts
+    /// etcd.
+    pub compact_interval: Duration,
 }
 
 impl Default for ReplicaSettings {
@@ -61,6 +79,9 @@ impl Default for ReplicaSettings {
             max_batch: 4096,
             request_timeout: Duration::from_secs(10),
             promote_lag: 64,
+            snapshot_entries: 10_000,
+            catch_up_entries: 5_000,
+            compact_interval: Duration::from_secs(300),
         }
     }
 }
@@ -98,6 +119,8 @@ pub enum ReplicaError {
     Dropped(String),
     #[error("{0} holds no member state, and no bootstrap was asked for")]
     NotInitialized(PathBuf),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 type Answer<T> = tokio::sync::oneshot::Sender<Result<T, ReplicaError>>;
@@ -107,6 +130,8 @@ enum Request {
     ConfChange(ConfChange, Answer<ConfState>),
     Read(Answer<()>),
     Step(Box<Message>),
+    /// The transport finished sending a snapshot to a member (true) or gave up (false).
+    SnapshotSent(u64, bool),
     Stop,
 }
 
@@ -137,6 +162,60 @@ pub struct ReplicaMetrics {
     /// Voters and learners in the applied configuration.
     pub voters: AtomicU64,
     pub learners: AtomicU64,
+    /// The first index still in the log (entries before it are in a snapshot).
+    pub first_index: AtomicU64,
+    pub snapshots_made: AtomicU64,
+    pub snapshots_installed: AtomicU64,
+    pub snapshots_sent: AtomicU64,
+    pub snapshots_send_failures: AtomicU64,
+    /// History compactions applied here.
+    pub compactions: AtomicU64,
+}
+
+/// Where a member keeps its snapshot files, under its data directory.
+pub const SNAPSHOT_DIR: &str = "snapshots";
+
+/// Finishes an install a crash interrupted: the store still holds the marker, the file
+/// is still there (it is removed only after a newer snapshot is in place).
+fn finish_interrupted_install(store: &Store, dir: &Path) -> Result<(), ReplicaError> {
+    let Some(index) = store.installing()? else {
+        return Ok(());
+    };
+    let path = dir.join(SNAPSHOT_DIR).join(snapshot::file_name(index));
+    tracing::warn!(index, path = %path.display(), "finishing a snapshot install a crash interrupted");
+    let header = store.install(&path)?;
+    let conf = conf_of(&header, &path)?;
+    crate::raftlog::reset_to_snapshot(store.db(), header.index, header.term, &conf)?;
+    store.finish_install()?;
+    Ok(())
+}
+
+fn conf_of(header: &SnapshotHeader, path: &Path) -> Result<ConfState, ReplicaError> {
+    ConfState::parse_from_bytes(&header.conf).map_err(|e| {
+        ReplicaError::Snapshot(SnapshotError::Damaged {
+            path: path.to_path_buf(),
+            message: format!("configuration: {e}"),
+        })
+    })
+}
+
+/// Removes leftovers of interrupted writes and receipts in the snapshot directory, and
+/// snapshot files older than `keep`.
+fn prune_snapshots(dir: &Path, keep: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = match snapshot::index_of(&name) {
+            Some(index) => index < keep,
+            None => name.ends_with(".tmp") || name.ends_with(".part"),
+        };
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// A running replica.
@@ -148,6 +227,24 @@ pub struct Replica {
     revision: tokio::sync::watch::Receiver<u64>,
     conf: tokio::sync::watch::Receiver<ConfState>,
     pub metrics: Arc<ReplicaMetrics>,
+}
+
+/// The snapshot file with the highest index in `dir`, with its header.
+fn newest_snapshot(dir: &Path) -> Option<(u64, SnapshotHeader, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                snapshot::index_of(&e.file_name().to_string_lossy())?,
+                e.path(),
+            ))
+        })
+        .collect();
+    found.sort();
+    let (index, path) = found.pop()?;
+    let header = snapshot::read_header(&path).ok()?;
+    (header.index == index).then_some((index, header, path))
 }
 
 fn bootstrap_entry(id: u64, peer_addr: &str) -> Result<Entry, ReplicaError> {
@@ -175,7 +272,29 @@ impl Replica {
         transport: Option<Arc<Transport>>,
     ) -> Result<Self, ReplicaError> {
         let store = Arc::new(Store::open(dir)?);
+        finish_interrupted_install(&store, dir)?;
         let log = SledLog::open(store.db())?;
+        let snapshot_dir = dir.join(SNAPSHOT_DIR);
+        // A snapshot on disk from before the restart is offered again once it is checked
+        // (a damaged one is set aside: the loop writes a new one when raft asks).
+        let mut last_snapshot = log.first() - 1;
+        if let Some((index, header, path)) = newest_snapshot(&snapshot_dir)
+            && index >= last_snapshot
+        {
+            match snapshot::verify(&path).and_then(|h| {
+                conf_of(&h, &path).map_err(|e| SnapshotError::Damaged {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+            }) {
+                Ok(conf) => {
+                    log.set_snapshot(index, header.term, conf);
+                    last_snapshot = index;
+                }
+                Err(e) => tracing::warn!(error = %e, "not offering a damaged snapshot"),
+            }
+        }
+        prune_snapshots(&snapshot_dir, last_snapshot);
         let fresh = !log.is_initialized()? && log.is_empty();
         match (&bootstrap, fresh) {
             (Bootstrap::Init { peer_addr }, true) => {
@@ -229,6 +348,9 @@ impl Replica {
         let (revision_tx, revision) = tokio::sync::watch::channel(store.revision()?);
         let (conf_tx, conf) = tokio::sync::watch::channel(node.raft.prs().conf().to_conf_state());
         let metrics = Arc::new(ReplicaMetrics::default());
+        metrics
+            .first_index
+            .store(node.store().first(), Ordering::Relaxed);
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -251,6 +373,9 @@ impl Replica {
             reads_ready: Vec::new(),
             promoting: None,
             was_leader: false,
+            snapshot_dir,
+            last_snapshot,
+            compaction_mark: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{:x}", settings.id))
@@ -305,6 +430,18 @@ impl Replica {
     /// Hands a message from another member to raft.
     pub fn step(&self, message: Message) {
         let _ = self.requests.send(Request::Step(Box::new(message)));
+    }
+
+    /// Tells raft whether a snapshot reached member `to` (so it resumes sending entries,
+    /// or tries again).
+    pub fn snapshot_sent(&self, to: u64, ok: bool) {
+        let _ = self.requests.send(Request::SnapshotSent(to, ok));
+    }
+
+    /// Where this replica keeps its snapshot files (received ones are placed here, named
+    /// by [`snapshot::file_name`], before raft is handed their message).
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.path.join(SNAPSHOT_DIR)
     }
 
     /// The replica's store. Reads from it directly are as of the last applied entry
@@ -407,6 +544,12 @@ struct ReadyLoop {
     /// The learner being promoted and when that was proposed.
     promoting: Option<(u64, Instant)>,
     was_leader: bool,
+    snapshot_dir: PathBuf,
+    /// The index of the newest snapshot made or installed here.
+    last_snapshot: u64,
+    /// When this member (as leader) last looked at compaction, and the revision then:
+    /// the next compaction drops history before it.
+    compaction_mark: Option<(Instant, u64)>,
 }
 
 fn entry_id(context: &[u8]) -> Option<(u64, u64)> {
@@ -464,6 +607,7 @@ impl ReadyLoop {
             if self.node.has_ready() {
                 self.handle_ready()?;
             }
+            self.maybe_snapshot()?;
         }
     }
 
@@ -480,6 +624,18 @@ impl ReadyLoop {
                 if let Err(e) = self.node.step(*m) {
                     tracing::debug!(error = %e, "raft refused a message");
                 }
+            }
+            Request::SnapshotSent(to, ok) => {
+                let status = if ok {
+                    self.metrics.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+                    raft::SnapshotStatus::Finish
+                } else {
+                    self.metrics
+                        .snapshots_send_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    raft::SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(to, status);
             }
             Request::Stop => return Ok(false),
         }
@@ -617,7 +773,33 @@ impl ReadyLoop {
                 waiter.fail(ReplicaError::Timeout(timeout));
             }
         }
+        self.compact_history()?;
         self.promote_caught_up_learner()
+    }
+
+    /// On the leader, every `compact_interval`: proposes dropping history older than
+    /// the revision seen an interval ago (a lost proposal is simply made again later).
+    fn compact_history(&mut self) -> Result<(), ReplicaError> {
+        let interval = self.settings.compact_interval;
+        if interval.is_zero() || self.node.raft.state != StateRole::Leader {
+            self.compaction_mark = None;
+            return Ok(());
+        }
+        let revision = self.store.revision()?;
+        match self.compaction_mark {
+            None => self.compaction_mark = Some((Instant::now(), revision)),
+            Some((since, _)) if since.elapsed() < interval => {}
+            Some((_, mark)) => {
+                if mark > self.store.compacted()? {
+                    let (_, context) = self.next_context();
+                    if let Err(e) = self.node.propose(context, encode_compaction(mark)) {
+                        tracing::debug!(error = %e, "compaction not proposed");
+                    }
+                }
+                self.compaction_mark = Some((Instant::now(), revision));
+            }
+        }
+        Ok(())
     }
 
     /// On the leader: proposes promoting one learner whose log has caught up.
@@ -690,12 +872,12 @@ impl ReadyLoop {
                     .extend(readers.into_iter().map(|(a, _)| (rs.index, a)));
             }
         }
+        if !ready.snapshot().is_empty() {
+            let snapshot = ready.snapshot().clone();
+            self.install_snapshot(&snapshot)?;
+        }
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
-        if !ready.snapshot().is_empty() {
-            // Never sent: the log is never truncated (snapshots are not built yet).
-            tracing::error!("received a snapshot, which this build cannot install");
-        }
         self.node.store().append(ready.entries())?;
         if let Some(hs) = ready.hs() {
             self.node.store().set_hard_state(hs)?;
@@ -739,6 +921,110 @@ impl ReadyLoop {
         Ok(())
     }
 
+    /// Replaces the state machine and the log with the snapshot raft accepted (the
+    /// transport placed its file, checked, before handing raft the message).
+    fn install_snapshot(&mut self, snapshot: &raft::prelude::Snapshot) -> Result<(), ReplicaError> {
+        let meta = snapshot.get_metadata();
+        let path = self.snapshot_dir.join(snapshot::file_name(meta.index));
+        let started = Instant::now();
+        let header = self.store.install(&path)?;
+        if header.index != meta.index || header.term != meta.term {
+            return Err(ReplicaError::Snapshot(SnapshotError::Damaged {
+                path,
+                message: format!(
+                    "holds index {} term {}, raft's message says {} and {}",
+                    header.index, header.term, meta.index, meta.term
+                ),
+            }));
+        }
+        let conf = meta.get_conf_state().clone();
+        self.node
+            .store()
+            .apply_snapshot(self.store.db(), meta.index, meta.term, &conf)?;
+        self.store.finish_install()?;
+        self.node
+            .store()
+            .set_snapshot(meta.index, meta.term, conf.clone());
+        self.last_snapshot = meta.index;
+        prune_snapshots(&self.snapshot_dir, meta.index);
+        if let Some(transport) = &self.transport {
+            let members = self.store.members()?;
+            for (id, addr) in &members {
+                transport.set_peer(*id, addr);
+            }
+            for (id, _) in transport.peers() {
+                if !members.iter().any(|(m, _)| *m == id) {
+                    transport.remove_peer(id);
+                }
+            }
+        }
+        self.publish_conf(&conf);
+        self.metrics
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .first_index
+            .store(meta.index + 1, Ordering::Relaxed);
+        tracing::info!(
+            index = meta.index,
+            term = meta.term,
+            millis = started.elapsed().as_millis() as u64,
+            "installed a snapshot from the leader"
+        );
+        Ok(())
+    }
+
+    /// Writes a snapshot and truncates the log when enough has been applied since the
+    /// last one, or when raft needs one to send.
+    fn maybe_snapshot(&mut self) -> Result<(), ReplicaError> {
+        let applied = self.store.applied_index()?;
+        let wanted = self.node.store().take_snapshot_wanted();
+        let due = applied >= self.last_snapshot + self.settings.snapshot_entries.max(1);
+        if applied <= self.last_snapshot || !(due || wanted) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let term = raft::Storage::term(self.node.store(), applied)?;
+        let conf = self.node.raft.prs().conf().to_conf_state();
+        let header = SnapshotHeader {
+            index: applied,
+            term,
+            conf: conf
+                .write_to_bytes()
+                .map_err(|e| ReplicaError::Dropped(e.to_string()))?,
+        };
+        let (path, size) = snapshot::write(&self.store, &self.snapshot_dir, &header)?;
+        self.node.store().set_snapshot(applied, term, conf);
+        self.last_snapshot = applied;
+        let keep_from = applied.saturating_sub(self.settings.catch_up_entries);
+        self.node.store().compact(keep_from)?;
+        prune_snapshots(&self.snapshot_dir, applied);
+        self.metrics.snapshots_made.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .first_index
+            .store(self.node.store().first(), Ordering::Relaxed);
+        tracing::info!(
+            index = applied,
+            bytes = size,
+            path = %path.display(),
+            log_first_index = self.node.store().first(),
+            millis = started.elapsed().as_millis() as u64,
+            asked_by_raft = wanted,
+            "wrote a snapshot and truncated the log"
+        );
+        Ok(())
+    }
+
+    fn publish_conf(&self, conf: &ConfState) {
+        self.metrics
+            .voters
+            .store(conf.voters.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .learners
+            .store(conf.learners.len() as u64, Ordering::Relaxed);
+        self.conf.send_replace(conf.clone());
+    }
+
     /// Applies committed entries in order and answers their proposers.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), ReplicaError> {
         for entry in entries {
@@ -755,7 +1041,7 @@ impl ReadyLoop {
                     }
                 }
                 EntryType::EntryNormal => {
-                    let command = decode_command(&entry.data).map_err(|e| {
+                    let command = decode_entry(&entry.data).map_err(|e| {
                         // A committed entry this build cannot read: every replica must
                         // stop the same way rather than diverge.
                         ReplicaError::BadEntry {
@@ -763,6 +1049,16 @@ impl ReadyLoop {
                             message: e.to_string(),
                         }
                     })?;
+                    let command = match command {
+                        EntryCommand::Txn(command) => command,
+                        EntryCommand::Compact { revision } => {
+                            if self.store.apply_compaction(entry.index, revision)? {
+                                self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(revision, "history compacted");
+                            }
+                            continue;
+                        }
+                    };
                     let outcome = self.store.apply(entry.index, &command)?;
                     if let Some((Waiter::Write(answer), _)) =
                         id.and_then(|id| self.pending.remove(&id))
@@ -824,13 +1120,7 @@ impl ReadyLoop {
             learners = ?conf.learners,
             "membership changed"
         );
-        self.metrics
-            .voters
-            .store(conf.voters.len() as u64, Ordering::Relaxed);
-        self.metrics
-            .learners
-            .store(conf.learners.len() as u64, Ordering::Relaxed);
-        self.conf.send_replace(conf.clone());
+        self.publish_conf(&conf);
         if removed && id == self.settings.id {
             tracing::warn!("this member was removed from the cluster");
         }
@@ -933,6 +1223,92 @@ mod tests {
             "revisions only grow across restarts: {r1} then {r2}"
         );
         assert_eq!(second.store().get(b"/a").unwrap().unwrap().version, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn snapshots_truncate_the_log_and_an_interrupted_install_is_finished() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let small = ReplicaSettings {
+            snapshot_entries: 50,
+            catch_up_entries: 10,
+            ..settings()
+        };
+        let first = Replica::start(dir.path(), small.clone(), init(), None).expect("start");
+        for i in 0..120 {
+            first
+                .propose(create(&format!("/k/{i:03}"), "v"))
+                .await
+                .unwrap();
+        }
+        let first_index = first.metrics.first_index.load(Ordering::Relaxed);
+        assert!(first_index > 1, "the log was never truncated");
+        assert!(first.metrics.snapshots_made.load(Ordering::Relaxed) >= 2);
+        let snapshots: Vec<_> = std::fs::read_dir(first.snapshot_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            snapshots.len(),
+            1,
+            "older snapshots are pruned: {snapshots:?}"
+        );
+        first.stop().expect("stop");
+
+        // A restart reads the truncated log and keeps everything.
+        let again =
+            Replica::start(dir.path(), small.clone(), Bootstrap::Existing, None).expect("restart");
+        assert_eq!(
+            again.store().range(b"/k/", 0, None).unwrap().items.len(),
+            120
+        );
+        again.propose(create("/k/after", "v")).await.unwrap();
+        let (at, _, newest) = newest_snapshot(&again.snapshot_dir()).expect("a snapshot");
+        // What the snapshot holds: every key written up to its index.
+        let expected: Vec<_> = again
+            .store()
+            .range(b"/k/", 0, None)
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|(_, v)| v.mod_revision <= at)
+            .collect();
+        assert!(
+            expected.len() >= 50,
+            "{} keys in the snapshot",
+            expected.len()
+        );
+        again.stop().expect("stop");
+
+        // Another member's directory gets that snapshot installed, and a crash strikes
+        // after the state machine was replaced but before the log was reset: the next
+        // start finishes the install from the file.
+        let other = tempfile::tempdir().expect("tempdir");
+        let snap_dir = other.path().join(SNAPSHOT_DIR);
+        std::fs::create_dir_all(&snap_dir).unwrap();
+        std::fs::copy(&newest, snap_dir.join(newest.file_name().unwrap())).unwrap();
+        {
+            let store = Store::open(other.path()).expect("open");
+            store.apply(1, &create("/stale", "x")).expect("apply");
+            store
+                .install(&snap_dir.join(newest.file_name().unwrap()))
+                .expect("install");
+            store.flush().unwrap();
+        }
+        let resumed =
+            Replica::start(other.path(), small, Bootstrap::Existing, None).expect("resume");
+        assert!(resumed.store().installing().unwrap().is_none());
+        assert!(resumed.store().get(b"/stale").unwrap().is_none());
+        assert_eq!(
+            resumed.store().range(b"/k/", 0, None).unwrap().items,
+            expected
+        );
+        assert_eq!(resumed.store().applied_index().unwrap(), at);
+        assert_eq!(resumed.conf_state().voters, vec![1]);
+        resumed
+            .propose(create("/k/resumed", "v"))
+            .await
+            .expect("it commits");
     }
 
     #[test]

@@ -8,6 +8,13 @@
 //! connects with exponential back-off, says [`Frame::Hello`], then writes batches of
 //! whatever is queued (up to [`TransportSettings::max_batch_bytes`]) as one frame.
 //!
+//! A raft snapshot message never travels in a batch: the peer's task opens a stream of
+//! its own for it (Hello, [`Frame::SnapshotBegin`], the snapshot file in
+//! [`Frame::SnapshotChunk`]s, [`Frame::SnapshotEnd`] with its SHA-256), and tells the
+//! owner whether it arrived. The receiver writes the chunks to a file, checks size and
+//! digest, and hands file and message to its owner, which checks the file whole before
+//! raft sees the message. A snapshot is at most [`TransportSettings::max_snapshot_bytes`].
+//!
 //! Incoming connections are accepted from anyone the TLS layer lets in. A connection with a
 //! client certificate under the CA may send raft batches, but only as the member its
 //! certificate names; one without may only ask to join, on a bidirectional stream. Any
@@ -17,15 +24,18 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use brink_proto::peer::{Frame, FrameError, decode_frame, encode_frame, frame_len};
 use protobuf::Message as _;
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 use rustls::pki_types::CertificateDer;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::pki::{self, MEMBER_SERVER_NAME};
 
@@ -47,6 +57,10 @@ pub struct TransportSettings {
     pub connect_timeout: Duration,
     /// How long a join may take, end to end.
     pub join_timeout: Duration,
+    /// The largest snapshot file sent or accepted.
+    pub max_snapshot_bytes: u64,
+    /// The bytes of a snapshot file in one chunk frame.
+    pub snapshot_chunk_bytes: usize,
 }
 
 impl Default for TransportSettings {
@@ -59,6 +73,8 @@ impl Default for TransportSettings {
             idle_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_millis(250),
             join_timeout: Duration::from_secs(60),
+            max_snapshot_bytes: 8 << 30,
+            snapshot_chunk_bytes: 1 << 20,
         }
     }
 }
@@ -99,6 +115,11 @@ pub struct TransportMetrics {
     pub connect_failures: AtomicU64,
     /// Connections closed for a frame that did not decode or broke the rules.
     pub frames_refused: AtomicU64,
+    /// Snapshot files sent whole, and bytes of them.
+    pub snapshots_sent: AtomicU64,
+    pub snapshot_bytes_sent: AtomicU64,
+    /// Snapshot files received whole and handed on.
+    pub snapshots_received: AtomicU64,
 }
 
 /// What the transport hands to its owner.
@@ -111,12 +132,25 @@ pub trait PeerHandler: Send + Sync + 'static {
         secret: Vec<u8>,
         peer_addr: String,
     ) -> Pin<Box<dyn Future<Output = Frame> + Send + '_>>;
+    /// A snapshot `message` from an authenticated member arrived whole (size and digest
+    /// checked) in `file`. Blocking: called off the async threads. The handler checks the
+    /// file itself, keeps it, and steps the message; an error refuses it.
+    fn receive_snapshot(&self, message: Message, file: &Path) -> Result<(), String>;
+    /// Whether the snapshot message for member `to` was sent whole.
+    fn snapshot_sent(&self, to: u64, ok: bool);
 }
 
 struct Peer {
     addr: String,
     queue: tokio::sync::mpsc::Sender<Vec<u8>>,
+    snapshots: tokio::sync::mpsc::Sender<Message>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What a peer's task reads from.
+struct PeerQueues {
+    raft: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    snapshots: tokio::sync::mpsc::Receiver<Message>,
 }
 
 /// A member's QUIC endpoint.
@@ -128,6 +162,10 @@ pub struct Transport {
     settings: TransportSettings,
     peers: Mutex<HashMap<u64, Peer>>,
     runtime: tokio::runtime::Handle,
+    /// Where snapshot files are read from when sent and written to when received.
+    snapshot_dir: PathBuf,
+    /// Set by [`serve`](Self::serve): whom to tell about snapshots sent.
+    handler: OnceLock<Arc<dyn PeerHandler>>,
     pub metrics: Arc<TransportMetrics>,
 }
 
@@ -148,6 +186,9 @@ fn quic_client(
     client.transport_config(transport_config(settings));
     Ok(client)
 }
+
+/// The most bytes one chunk frame carries (well under a frame's limit).
+const MAX_CHUNK_BYTES: usize = 4 << 20;
 
 /// Binds a QUIC endpoint at `listen` serving `pki`'s member certificate.
 pub fn bind(
@@ -283,6 +324,7 @@ impl Transport {
         endpoint: quinn::Endpoint,
         pki: &pki::MemberPki,
         settings: TransportSettings,
+        snapshot_dir: PathBuf,
     ) -> Result<Arc<Self>, TransportError> {
         let client = quic_client(pki.client_config()?, &settings)?;
         Ok(Arc::new(Self {
@@ -293,8 +335,16 @@ impl Transport {
             settings,
             peers: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
+            snapshot_dir,
+            handler: OnceLock::new(),
             metrics: Arc::new(TransportMetrics::default()),
         }))
+    }
+
+    fn report_snapshot(&self, to: u64, ok: bool) {
+        if let Some(handler) = self.handler.get() {
+            handler.snapshot_sent(to, ok);
+        }
     }
 
     pub fn endpoint(&self) -> &quinn::Endpoint {
@@ -313,17 +363,23 @@ impl Transport {
         if peers.get(&id).is_some_and(|p| p.addr == addr) {
             return;
         }
-        let (queue, queued) = tokio::sync::mpsc::channel(self.settings.peer_queue.max(1));
+        let (queue, raft) = tokio::sync::mpsc::channel(self.settings.peer_queue.max(1));
+        let (snapshots, snapshots_queued) = tokio::sync::mpsc::channel(1);
         let me = self.clone();
         let peer_addr = addr.to_owned();
+        let queues = PeerQueues {
+            raft,
+            snapshots: snapshots_queued,
+        };
         let task = self
             .runtime
-            .spawn(async move { me.run_peer(id, peer_addr, queued).await });
+            .spawn(async move { me.run_peer(id, peer_addr, queues).await });
         if let Some(old) = peers.insert(
             id,
             Peer {
                 addr: addr.to_owned(),
                 queue,
+                snapshots,
                 task,
             },
         ) {
@@ -353,6 +409,20 @@ impl Transport {
                 .messages_dropped
                 .fetch_add(1, Ordering::Relaxed);
         };
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            let queued = self
+                .peers
+                .lock()
+                .ok()
+                .and_then(|p| p.get(&message.to).map(|p| p.snapshots.clone()))
+                .is_some_and(|q| q.try_send(message.clone()).is_ok());
+            if !queued {
+                // One snapshot at a time per peer; raft tries again once told.
+                self.report_snapshot(message.to, false);
+                dropped();
+            }
+            return;
+        }
         let Ok(bytes) = message.write_to_bytes() else {
             return dropped();
         };
@@ -373,12 +443,7 @@ impl Transport {
         }
     }
 
-    async fn run_peer(
-        self: Arc<Self>,
-        id: u64,
-        addr: String,
-        mut queued: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    ) {
+    async fn run_peer(self: Arc<Self>, id: u64, addr: String, mut queued: PeerQueues) {
         let mut backoff = self.settings.backoff_min;
         let mut connect_timeout = self.settings.connect_timeout;
         loop {
@@ -403,10 +468,13 @@ impl Transport {
                 }
             }
             // Whatever queued while the link was down is stale by now; raft resends.
-            while queued.try_recv().is_ok() {
+            while queued.raft.try_recv().is_ok() {
                 self.metrics
                     .messages_dropped
                     .fetch_add(1, Ordering::Relaxed);
+            }
+            while queued.snapshots.try_recv().is_ok() {
+                self.report_snapshot(id, false);
             }
             tokio::time::sleep(
                 backoff + Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2)),
@@ -419,10 +487,10 @@ impl Transport {
     /// One connection's life: Hello, then batches until the queue closes (Ok) or the
     /// connection fails (Err).
     async fn stream_to(
-        &self,
+        self: &Arc<Self>,
         id: u64,
         addr: &str,
-        queued: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+        queued: &mut PeerQueues,
         connect_timeout: Duration,
     ) -> Result<(), TransportError> {
         let conn = tokio::time::timeout(
@@ -444,7 +512,19 @@ impl Transport {
         write(&mut send, &encode_frame(&hello), addr).await?;
         loop {
             let first = tokio::select! {
-                m = queued.recv() => m,
+                m = queued.raft.recv() => m,
+                Some(snapshot) = queued.snapshots.recv() => {
+                    let me = self.clone();
+                    let (conn, addr) = (conn.clone(), addr.to_owned());
+                    tokio::spawn(async move {
+                        let result = me.send_snapshot(&conn, &snapshot, &addr).await;
+                        if let Err(e) = &result {
+                            tracing::warn!(peer = id, error = %e, "snapshot not sent");
+                        }
+                        me.report_snapshot(id, result.is_ok());
+                    });
+                    continue;
+                }
                 e = conn.closed() => return Err(TransportError::Stream { addr: addr.to_owned(), message: e.to_string() }),
             };
             let Some(first) = first else {
@@ -453,7 +533,7 @@ impl Transport {
             let mut bytes = first.len();
             let mut messages = vec![first];
             while bytes < self.settings.max_batch_bytes {
-                match queued.try_recv() {
+                match queued.raft.try_recv() {
                     Ok(m) => {
                         bytes += m.len();
                         messages.push(m);
@@ -467,8 +547,188 @@ impl Transport {
         }
     }
 
+    /// Streams the snapshot file `message` names on a stream of its own; resolves once
+    /// the peer has received all of it.
+    async fn send_snapshot(
+        &self,
+        conn: &quinn::Connection,
+        message: &Message,
+        addr: &str,
+    ) -> Result<(), TransportError> {
+        let index = message.get_snapshot().get_metadata().index;
+        let path = self
+            .snapshot_dir
+            .join(crate::store::snapshot::file_name(index));
+        let io = |e: std::io::Error| TransportError::Stream {
+            addr: addr.to_owned(),
+            message: format!("{}: {e}", path.display()),
+        };
+        let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+        let size = file.metadata().await.map_err(io)?.len();
+        if size > self.settings.max_snapshot_bytes {
+            return Err(TransportError::Stream {
+                addr: addr.to_owned(),
+                message: format!(
+                    "snapshot of {size} bytes is over the limit of {}",
+                    self.settings.max_snapshot_bytes
+                ),
+            });
+        }
+        let started = std::time::Instant::now();
+        let mut send = conn.open_uni().await.map_err(|e| TransportError::Stream {
+            addr: addr.to_owned(),
+            message: e.to_string(),
+        })?;
+        let hello = Frame::Hello {
+            from: self.id,
+            peer_addr: self.advertise.clone(),
+        };
+        write(&mut send, &encode_frame(&hello), addr).await?;
+        let mut header = message.clone();
+        header.mut_snapshot().data = Default::default();
+        let begin = Frame::SnapshotBegin {
+            message: header
+                .write_to_bytes()
+                .map_err(|e| TransportError::Stream {
+                    addr: addr.to_owned(),
+                    message: e.to_string(),
+                })?,
+            size,
+        };
+        write(&mut send, &encode_frame(&begin), addr).await?;
+        let mut hash = Sha256::new();
+        let mut sent = 0u64;
+        let mut chunk = vec![0u8; self.settings.snapshot_chunk_bytes.clamp(1, MAX_CHUNK_BYTES)];
+        while sent < size {
+            let want = chunk.len().min((size - sent) as usize);
+            file.read_exact(&mut chunk[..want]).await.map_err(io)?;
+            hash.update(&chunk[..want]);
+            let frame = Frame::SnapshotChunk {
+                bytes: chunk[..want].to_vec(),
+            };
+            write(&mut send, &encode_frame(&frame), addr).await?;
+            sent += want as u64;
+        }
+        let end = Frame::SnapshotEnd {
+            sha256: hash.finalize().into(),
+        };
+        write(&mut send, &encode_frame(&end), addr).await?;
+        let _ = send.finish();
+        // Resolves once the peer has every byte (or stopped the stream).
+        match send.stopped().await {
+            Ok(None) => {}
+            Ok(Some(code)) => {
+                return Err(TransportError::Stream {
+                    addr: addr.to_owned(),
+                    message: format!("the peer stopped the snapshot stream ({code})"),
+                });
+            }
+            Err(e) => {
+                return Err(TransportError::Stream {
+                    addr: addr.to_owned(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        self.metrics.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .snapshot_bytes_sent
+            .fetch_add(size, Ordering::Relaxed);
+        tracing::info!(
+            peer = message.to,
+            index,
+            bytes = size,
+            millis = started.elapsed().as_millis() as u64,
+            "snapshot sent"
+        );
+        Ok(())
+    }
+
+    /// Receives a snapshot stream's file after its SnapshotBegin; Err says why it was
+    /// refused (the caller closes the connection).
+    async fn receive_snapshot(
+        &self,
+        recv: &mut quinn::RecvStream,
+        from: u64,
+        message: &[u8],
+        size: u64,
+        addr: &str,
+        handler: &Arc<dyn PeerHandler>,
+    ) -> Result<(), String> {
+        let message = Message::parse_from_bytes(message)
+            .map_err(|_| "snapshot message does not decode".to_owned())?;
+        let index = message.get_snapshot().get_metadata().index;
+        if message.get_msg_type() != MessageType::MsgSnapshot
+            || message.from != from
+            || message.to != self.id
+            || index == 0
+        {
+            return Err("a snapshot stream must carry a snapshot from the peer to us".into());
+        }
+        if size > self.settings.max_snapshot_bytes {
+            return Err(format!(
+                "snapshot of {size} bytes is over the limit of {}",
+                self.settings.max_snapshot_bytes
+            ));
+        }
+        tokio::fs::create_dir_all(&self.snapshot_dir)
+            .await
+            .map_err(|e| format!("{}: {e}", self.snapshot_dir.display()))?;
+        let part = self.snapshot_dir.join(format!("recv-{from}-{index}.part"));
+        let result = async {
+            let mut file = tokio::fs::File::create(&part)
+                .await
+                .map_err(|e| format!("{}: {e}", part.display()))?;
+            let mut hash = Sha256::new();
+            let mut written = 0u64;
+            loop {
+                match read_frame(recv, addr).await.map_err(|e| e.to_string())? {
+                    Some(Frame::SnapshotChunk { bytes }) => {
+                        written += bytes.len() as u64;
+                        if written > size {
+                            return Err(format!("snapshot runs past its size of {size} bytes"));
+                        }
+                        hash.update(&bytes);
+                        file.write_all(&bytes)
+                            .await
+                            .map_err(|e| format!("{}: {e}", part.display()))?;
+                    }
+                    Some(Frame::SnapshotEnd { sha256 }) => {
+                        if written != size {
+                            return Err(format!("snapshot ended at {written} of {size} bytes"));
+                        }
+                        if hash.finalize().as_slice() != sha256 {
+                            return Err("snapshot digest does not match its bytes".into());
+                        }
+                        file.sync_all()
+                            .await
+                            .map_err(|e| format!("{}: {e}", part.display()))?;
+                        break;
+                    }
+                    _ => return Err("unexpected frame in a snapshot stream".into()),
+                }
+            }
+            let handler = handler.clone();
+            let path = part.clone();
+            tokio::task::spawn_blocking(move || handler.receive_snapshot(message, &path))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        .await;
+        // Kept under its final name by the handler when accepted; gone otherwise.
+        let _ = tokio::fs::remove_file(&part).await;
+        if result.is_ok() {
+            self.metrics
+                .snapshots_received
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = from, index, bytes = size, "snapshot received");
+        }
+        result
+    }
+
     /// Accepts connections until the endpoint closes.
     pub async fn serve(self: Arc<Self>, handler: Arc<dyn PeerHandler>) {
+        let _ = self.handler.set(handler.clone());
         while let Some(incoming) = self.endpoint.accept().await {
             let me = self.clone();
             let handler = handler.clone();
@@ -542,6 +802,15 @@ impl Transport {
         loop {
             let messages = match read_frame(&mut recv, &addr).await {
                 Ok(Some(Frame::Raft { messages })) => messages,
+                Ok(Some(Frame::SnapshotBegin { message, size })) => {
+                    if let Err(why) = self
+                        .receive_snapshot(&mut recv, from, &message, size, &addr, &handler)
+                        .await
+                    {
+                        return self.refuse(&conn, &addr, &why);
+                    }
+                    continue;
+                }
                 Ok(None) => return,
                 Ok(Some(_)) => {
                     return self.refuse(&conn, &addr, "unexpected frame on a raft stream");
@@ -551,6 +820,13 @@ impl Transport {
             };
             for bytes in messages {
                 let message = match Message::parse_from_bytes(&bytes) {
+                    Ok(m) if m.get_msg_type() == MessageType::MsgSnapshot => {
+                        return self.refuse(
+                            &conn,
+                            &addr,
+                            "a snapshot must come on a snapshot stream, with its file",
+                        );
+                    }
                     Ok(m) if m.from == from && m.to == self.id => m,
                     Ok(_) => {
                         return self.refuse(

@@ -57,6 +57,45 @@ fn raft_message(from: u64, to: u64) -> Vec<u8> {
     m.write_to_bytes().expect("encode")
 }
 
+fn snapshot_message(from: u64, to: u64, index: u64) -> Vec<u8> {
+    let mut m = raft::prelude::Message {
+        from,
+        to,
+        term: 1,
+        ..Default::default()
+    };
+    m.set_msg_type(raft::prelude::MessageType::MsgSnapshot);
+    let meta = m.mut_snapshot().mut_metadata();
+    meta.index = index;
+    meta.term = 1;
+    meta.mut_conf_state().voters = vec![1, 99];
+    m.write_to_bytes().expect("encode")
+}
+
+/// A snapshot stream: Hello, SnapshotBegin, the chunks, SnapshotEnd with `digest` (the
+/// chunks' own SHA-256 when `None`).
+fn snapshot_stream(
+    hello: Vec<u8>,
+    message: Vec<u8>,
+    size: u64,
+    chunks: &[&[u8]],
+    digest: Option<[u8; 32]>,
+) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut out = hello;
+    out.extend(encode_frame(&Frame::SnapshotBegin { message, size }));
+    let mut hash = sha2::Sha256::new();
+    for chunk in chunks {
+        hash.update(chunk);
+        out.extend(encode_frame(&Frame::SnapshotChunk {
+            bytes: chunk.to_vec(),
+        }));
+    }
+    let sha256 = digest.unwrap_or_else(|| hash.finalize().into());
+    out.extend(encode_frame(&Frame::SnapshotEnd { sha256 }));
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_peers_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -159,6 +198,83 @@ async fn hostile_peers_are_refused_and_change_nothing() {
             ]
             .concat(),
         ),
+        (
+            "a snapshot message inside a raft batch",
+            authenticated(),
+            [
+                hello(99),
+                encode_frame(&Frame::Raft {
+                    messages: vec![snapshot_message(99, 1, 50)],
+                }),
+            ]
+            .concat(),
+        ),
+        (
+            "a snapshot stream whose message does not decode",
+            authenticated(),
+            snapshot_stream(hello(99), vec![0xff; 9], 3, &[b"abc"], None),
+        ),
+        (
+            "a snapshot stream carrying another member's snapshot",
+            authenticated(),
+            snapshot_stream(hello(99), snapshot_message(3, 1, 50), 3, &[b"abc"], None),
+        ),
+        (
+            "a snapshot over the size limit",
+            authenticated(),
+            snapshot_stream(
+                hello(99),
+                snapshot_message(99, 1, 50),
+                u64::MAX,
+                &[b"abc"],
+                None,
+            ),
+        ),
+        (
+            "a snapshot running past its size",
+            authenticated(),
+            snapshot_stream(hello(99), snapshot_message(99, 1, 50), 2, &[b"abc"], None),
+        ),
+        (
+            "a snapshot ending short of its size",
+            authenticated(),
+            snapshot_stream(hello(99), snapshot_message(99, 1, 50), 9, &[b"abc"], None),
+        ),
+        (
+            "a snapshot whose digest does not match",
+            authenticated(),
+            snapshot_stream(
+                hello(99),
+                snapshot_message(99, 1, 50),
+                3,
+                &[b"abc"],
+                Some([7; 32]),
+            ),
+        ),
+        (
+            "a snapshot stream with a raft batch inside",
+            authenticated(),
+            [
+                hello(99),
+                encode_frame(&Frame::SnapshotBegin {
+                    message: snapshot_message(99, 1, 50),
+                    size: 3,
+                }),
+                encode_frame(&Frame::Raft { messages: vec![] }),
+            ]
+            .concat(),
+        ),
+        (
+            "a whole, well-sent snapshot whose file is not a snapshot",
+            authenticated(),
+            snapshot_stream(
+                hello(99),
+                snapshot_message(99, 1, 50),
+                29,
+                &[b"BRINKSNP", b"\x01 not a snapshot file"],
+                None,
+            ),
+        ),
     ];
     for (what, config, bytes) in cases {
         let before = refused();
@@ -196,8 +312,22 @@ async fn hostile_peers_are_refused_and_change_nothing() {
     .expect("an answer");
     assert!(matches!(answer, Frame::JoinRefused { .. }), "{answer:?}");
 
-    // Nothing changed: one voter, and it still commits.
+    // Nothing changed: one voter, no snapshot taken in, no file left behind, and it
+    // still commits.
     assert_eq!(running.replica.conf_state().voters, vec![1]);
+    let installed = running
+        .replica
+        .metrics
+        .snapshots_installed
+        .load(Ordering::Relaxed);
+    assert_eq!(installed, 0, "a hostile snapshot was installed");
+    let left: Vec<_> = std::fs::read_dir(running.replica.snapshot_dir())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "files left in the snapshot directory: {left:?}"
+    );
     let applied = running
         .replica
         .propose(Command {

@@ -121,6 +121,38 @@ pub fn decode_continue(token: &str) -> Option<(u64, Vec<u8>)> {
 
 /// The format version of a command in a raft entry: the first byte of its data.
 pub const COMMAND_VERSION: u8 = 1;
+/// The first byte of a compaction entry (`tag ‖ revision u64`): every member drops the
+/// same history at the same point in the log.
+pub const COMPACTION_TAG: u8 = 0x80;
+
+/// What a normal raft entry asks of the state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryCommand {
+    Txn(super::Command),
+    /// Drop history before this revision.
+    Compact {
+        revision: u64,
+    },
+}
+
+pub fn encode_compaction(revision: u64) -> Vec<u8> {
+    let mut out = vec![COMPACTION_TAG];
+    out.extend_from_slice(&revision.to_be_bytes());
+    out
+}
+
+/// Decodes a normal entry's data: a compaction or a transaction.
+pub fn decode_entry(bytes: &[u8]) -> Result<EntryCommand, CommandError> {
+    match bytes.split_first() {
+        Some((&COMPACTION_TAG, rest)) => {
+            let revision: [u8; 8] = rest.try_into().map_err(|_| CommandError::Short(1))?;
+            Ok(EntryCommand::Compact {
+                revision: u64::from_be_bytes(revision),
+            })
+        }
+        _ => decode_command(bytes).map(EntryCommand::Txn),
+    }
+}
 
 /// `version ‖ count ‖ (tag ‖ key len ‖ key ‖ [data len ‖ data] ‖ [expect flag ‖ expect])*`,
 /// lengths and counts as u32, revisions as u64, all big-endian.

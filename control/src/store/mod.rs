@@ -14,10 +14,14 @@
 //! Every call blocks; async callers use `spawn_blocking`.
 
 mod codec;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 
-pub use codec::{COMMAND_VERSION, CodecError, CommandError, decode_command, encode_command};
+pub use codec::{
+    COMMAND_VERSION, CodecError, CommandError, EntryCommand, decode_command, decode_entry,
+    encode_command, encode_compaction,
+};
 
 /// A stored value and its revisions, as etcd keeps them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +159,8 @@ const META_REVISION: &[u8] = b"revision";
 const META_COMPACTED: &[u8] = b"compacted";
 /// `member/` ‖ id (8 bytes, big-endian) → the member's peer address (UTF-8).
 const META_MEMBER: &[u8] = b"member/";
+/// The index of a snapshot being installed (present only mid-install).
+const META_INSTALLING: &[u8] = b"installing";
 
 /// The state machine on sled: `kv` (key → value), `history` (revision ‖ key → event),
 /// `meta` (applied index, revision, compaction point).
@@ -556,6 +562,18 @@ impl Store {
             out.push((u64::from_be_bytes(id), addr.to_owned()));
         }
         Ok(out)
+    }
+
+    /// Applies the committed compaction entry `index` (see [`compact`](Self::compact));
+    /// false when it was applied before.
+    pub fn apply_compaction(&self, index: u64, revision: u64) -> Result<bool, StoreError> {
+        if index <= self.applied_index()? {
+            return Ok(false);
+        }
+        // A replay after a crash between the two compacts again: nothing changes.
+        self.compact(revision)?;
+        self.mark_applied(index)?;
+        Ok(true)
     }
 
     /// Drops history before `revision` (never past the store's revision). Watches from

@@ -372,3 +372,133 @@ fn codec_refuses_garbage() {
         Some((7, b"/k\x00\xff".to_vec()))
     );
 }
+
+mod snapshots {
+    use super::*;
+    use crate::store::snapshot::{self, SnapshotHeader};
+
+    /// A store with puts, an update, a delete, a refusal, a member and a compaction.
+    fn busy() -> (tempfile::TempDir, Store) {
+        let (dir, s) = open();
+        for i in 1..=40u64 {
+            s.apply(i, &cmd(vec![create(&format!("/pods/p{i:02}"), "v")]))
+                .unwrap();
+        }
+        s.apply(41, &cmd(vec![update("/pods/p01", "w", Some(1))]))
+            .unwrap();
+        s.apply(42, &cmd(vec![delete("/pods/p02", None)])).unwrap();
+        s.apply(43, &cmd(vec![create("/pods/p03", "dup")])).unwrap();
+        s.apply_membership(44, 1, Some("10.0.0.1:2380")).unwrap();
+        s.compact(10).unwrap();
+        (dir, s)
+    }
+
+    fn header(index: u64) -> SnapshotHeader {
+        SnapshotHeader {
+            index,
+            term: 3,
+            conf: vec![8, 1],
+        }
+    }
+
+    fn state(s: &Store) -> impl PartialEq + std::fmt::Debug {
+        (
+            s.range(b"/", 0, None).unwrap(),
+            s.events_after(b"/", 9, 0).unwrap(),
+            s.members().unwrap(),
+            (
+                s.applied_index().unwrap(),
+                s.revision().unwrap(),
+                s.compacted().unwrap(),
+            ),
+        )
+    }
+
+    #[test]
+    fn a_snapshot_installs_the_same_state_elsewhere() {
+        let (dir, source) = busy();
+        let (path, size) =
+            snapshot::write(&source, &dir.path().join("snaps"), &header(44)).unwrap();
+        assert!(size > 0);
+        assert_eq!(snapshot::verify(&path).unwrap(), header(44));
+        // The target had other data: all of it is replaced.
+        let (_other, target) = open();
+        target.apply(7, &cmd(vec![create("/other", "x")])).unwrap();
+        assert_eq!(target.install(&path).unwrap(), header(44));
+        assert_eq!(target.installing().unwrap(), Some(44));
+        target.finish_install().unwrap();
+        assert_eq!(target.installing().unwrap(), None);
+        assert_eq!(state(&target), state(&source));
+        assert!(target.get(b"/other").unwrap().is_none());
+        // The history before the compaction point stays gone there too.
+        assert!(matches!(
+            target.events_after(b"/", 3, 0),
+            Err(StoreError::Gone { .. })
+        ));
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_refused_and_changes_nothing() {
+        let (dir, source) = busy();
+        let (path, _) = snapshot::write(&source, &dir.path().join("snaps"), &header(44)).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let (_other, target) = open();
+        target.apply(7, &cmd(vec![create("/other", "x")])).unwrap();
+        let before = state(&target);
+        let bad = dir.path().join("bad.snap");
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut cases: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            good[..good.len() - 1].to_vec(),
+            [good.clone(), vec![0]].concat(),
+            good[..good.len() / 2].to_vec(),
+        ];
+        for _ in 0..200 {
+            let mut b = good.clone();
+            let i = (next() as usize) % b.len();
+            b[i] ^= 1 << (next() % 8);
+            cases.push(b);
+        }
+        for (n, bytes) in cases.iter().enumerate() {
+            std::fs::write(&bad, bytes).unwrap();
+            let err = target.install(&bad).err();
+            assert!(
+                matches!(err, Some(snapshot::SnapshotError::Damaged { .. })),
+                "case {n}: {err:?}"
+            );
+            assert!(
+                err.unwrap().to_string().contains("bad.snap"),
+                "names the file"
+            );
+            assert_eq!(target.installing().unwrap(), None, "case {n}");
+        }
+        assert_eq!(state(&target), before);
+        // A header that claims another index than the state it holds is refused too.
+        let lying = dir.path().join("lying");
+        let (path, _) = snapshot::write(&source, &lying, &header(50)).unwrap();
+        assert!(snapshot::verify(&path).is_err());
+    }
+
+    #[test]
+    fn file_names_sort_by_index_and_parse_back() {
+        assert_eq!(snapshot::file_name(42), "00000000000000000042.snap");
+        assert_eq!(
+            snapshot::index_of(&snapshot::file_name(u64::MAX)),
+            Some(u64::MAX)
+        );
+        for bad in [
+            "42.snap",
+            "0000000000000000004x.snap",
+            "00000000000000000042.snap.tmp",
+            "",
+        ] {
+            assert_eq!(snapshot::index_of(bad), None, "{bad}");
+        }
+    }
+}
