@@ -164,8 +164,9 @@ pub struct Transport {
     runtime: tokio::runtime::Handle,
     /// Where snapshot files are read from when sent and written to when received.
     snapshot_dir: PathBuf,
-    /// Set by [`serve`](Self::serve): whom to tell about snapshots sent.
-    handler: OnceLock<Arc<dyn PeerHandler>>,
+    /// Set by [`serve`](Self::serve): whom to tell about snapshots sent. Weak: the
+    /// handler holds the replica, which holds this transport.
+    handler: OnceLock<std::sync::Weak<dyn PeerHandler>>,
     pub metrics: Arc<TransportMetrics>,
 }
 
@@ -342,7 +343,7 @@ impl Transport {
     }
 
     fn report_snapshot(&self, to: u64, ok: bool) {
-        if let Some(handler) = self.handler.get() {
+        if let Some(handler) = self.handler.get().and_then(std::sync::Weak::upgrade) {
             handler.snapshot_sent(to, ok);
         }
     }
@@ -728,7 +729,7 @@ impl Transport {
 
     /// Accepts connections until the endpoint closes.
     pub async fn serve(self: Arc<Self>, handler: Arc<dyn PeerHandler>) {
-        let _ = self.handler.set(handler.clone());
+        let _ = self.handler.set(Arc::downgrade(&handler));
         while let Some(incoming) = self.endpoint.accept().await {
             let me = self.clone();
             let handler = handler.clone();
