@@ -199,6 +199,8 @@ fn the_leader_compacts_history_on_its_interval_and_it_stays_compacted() {
     };
     let first = revision(create(server.addr, "/c/a", "1").unwrap());
     let second = revision(create(server.addr, "/c/b", "2").unwrap());
+    // Both writes were timed from arrival to applied.
+    assert!(metric(server.addr, "brink_raft_commit_seconds_count") >= Some(2));
     // The compaction after next drops what is older than the revision seen an interval
     // earlier: a watch from before `second` is then gone, one from `second` is not.
     wait_for("history to be compacted past the first write", || {

@@ -330,6 +330,16 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
     }
+    let (buckets, sum, count) = m.commit_latency.snapshot();
+    let name = "brink_raft_commit_seconds";
+    text.push_str(&format!(
+        "# HELP {name} Writes proposed at this member, from arrival to applied (durable on a quorum).\n# TYPE {name} histogram\n"
+    ));
+    for (bound, cumulative) in buckets {
+        let le = bound.map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+        text.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {cumulative}\n"));
+    }
+    text.push_str(&format!("{name}_sum {sum:.6}\n{name}_count {count}\n"));
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -170,7 +170,51 @@ pub struct ReplicaMetrics {
     pub snapshots_send_failures: AtomicU64,
     /// History compactions applied here.
     pub compactions: AtomicU64,
+    /// Writes proposed here, from arrival to applied and answered.
+    pub commit_latency: LatencyHistogram,
 }
+
+/// A Prometheus histogram of durations, lock-free.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Counts per bucket of [`LATENCY_BUCKETS`] (not cumulative; the last is +Inf).
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+/// The histogram's upper bounds, in seconds (this machine's flush takes milliseconds).
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+impl LatencyHistogram {
+    pub fn observe(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per upper bound (`None`: +Inf), the sum in seconds, the count.
+    pub fn snapshot(&self) -> (Vec<(Option<f64>, u64)>, f64, u64) {
+        let mut total = 0;
+        let mut rows = Vec::with_capacity(self.counts.len());
+        for (i, count) in self.counts.iter().enumerate() {
+            total += count.load(Ordering::Relaxed);
+            rows.push((LATENCY_BUCKETS.get(i).copied(), total));
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (rows, sum, total)
+    }
+}
+
+/// The most command bytes in one proposal message (a follower forwards it whole to the
+/// leader, so it must fit well inside a transport frame).
+const PROPOSAL_MESSAGE_BYTES: usize = 1 << 20;
 
 /// Where a member keeps its snapshot files, under its data directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
@@ -220,6 +264,7 @@ fn prune_snapshots(dir: &Path, keep: u64) {
 
 /// A running replica.
 pub struct Replica {
+    id: u64,
     path: PathBuf,
     requests: mpsc::Sender<Request>,
     thread: Option<std::thread::JoinHandle<Result<(), ReplicaError>>>,
@@ -382,6 +427,7 @@ impl Replica {
             .spawn(move || ready_loop.run(inbox))
             .map_err(|e| ReplicaError::Store(StoreError::Sled(sled::Error::Io(e))))?;
         Ok(Self {
+            id: settings.id,
             path,
             requests,
             thread: Some(thread),
@@ -412,7 +458,33 @@ impl Replica {
     /// Proposes `command`; resolves once it is committed, durable and applied here (or
     /// refused by the state machine). On a follower the proposal goes to the leader.
     pub async fn propose(&self, command: Command) -> Result<Applied, ReplicaError> {
-        self.ask(|a| Request::Propose(command, a)).await
+        use tracing::Instrument as _;
+        let key = command
+            .ops
+            .first()
+            .map(|op| String::from_utf8_lossy(op.key()).into_owned())
+            .unwrap_or_default();
+        let span = tracing::debug_span!(
+            "proposal",
+            member = self.id,
+            ops = command.ops.len(),
+            key,
+            revision = tracing::field::Empty
+        );
+        async move {
+            let outcome = self.ask(|a| Request::Propose(command, a)).await;
+            match &outcome {
+                Ok(Applied::Done { revision }) => {
+                    tracing::Span::current().record("revision", revision);
+                    tracing::debug!("proposal applied");
+                }
+                Ok(other) => tracing::debug!(outcome = ?other, "proposal not applied"),
+                Err(e) => tracing::debug!(error = %e, "proposal failed"),
+            }
+            outcome
+        }
+        .instrument(span)
+        .await
     }
 
     /// Proposes a membership change; resolves with the new configuration once applied.
@@ -678,23 +750,66 @@ impl ReadyLoop {
         self.metrics
             .proposals
             .fetch_add(self.waiting.len() as u64, Ordering::Relaxed);
+        // Writes go to raft as one proposal message per batch (cut at
+        // PROPOSAL_MESSAGE_BYTES): raft appends them together and sends followers one
+        // append for them all, where one proposal each would send one append each and
+        // fill the in-flight window.
+        let mut batch: Vec<Entry> = Vec::new();
+        let mut batch_ids: Vec<((u64, u64), Waiter, Instant)> = Vec::new();
+        let mut batch_bytes = 0;
         for (queued, since) in std::mem::take(&mut self.waiting) {
             let (id, context) = self.next_context();
-            let (result, waiter) = match queued {
-                Queued::Write(command, answer) => (
-                    self.node.propose(context, encode_command(&command)),
-                    Waiter::Write(answer),
-                ),
-                Queued::Conf(change, answer) => (
-                    self.node.propose_conf_change(context, change),
-                    Waiter::Conf(answer),
-                ),
-            };
-            match result {
-                Ok(()) => {
+            match queued {
+                Queued::Write(command, answer) => {
+                    let data = encode_command(&command);
+                    if batch_bytes + data.len() > PROPOSAL_MESSAGE_BYTES && !batch.is_empty() {
+                        self.propose_batch(
+                            std::mem::take(&mut batch),
+                            std::mem::take(&mut batch_ids),
+                        );
+                        batch_bytes = 0;
+                    }
+                    batch_bytes += data.len();
+                    batch.push(Entry {
+                        data: data.into(),
+                        context: context.into(),
+                        ..Default::default()
+                    });
+                    batch_ids.push((id, Waiter::Write(answer), since));
+                }
+                Queued::Conf(change, answer) => {
+                    let waiter = Waiter::Conf(answer);
+                    match self.node.propose_conf_change(context, change) {
+                        Ok(()) => {
+                            self.pending.insert(id, (waiter, since));
+                        }
+                        Err(e) => waiter.fail(ReplicaError::Dropped(e.to_string())),
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.propose_batch(batch, batch_ids);
+        }
+    }
+
+    /// Hands raft one proposal message holding `entries` (as `RawNode::propose` does for
+    /// one); their waiters wait for them, or all fail if raft drops the message.
+    fn propose_batch(&mut self, entries: Vec<Entry>, waiters: Vec<((u64, u64), Waiter, Instant)>) {
+        let mut message = Message::default();
+        message.set_msg_type(raft::prelude::MessageType::MsgPropose);
+        message.from = self.node.raft.id;
+        message.set_entries(entries.into());
+        match self.node.raft.step(message) {
+            Ok(()) => {
+                for (id, waiter, since) in waiters {
                     self.pending.insert(id, (waiter, since));
                 }
-                Err(e) => waiter.fail(ReplicaError::Dropped(e.to_string())),
+            }
+            Err(e) => {
+                for (_, waiter, _) in waiters {
+                    waiter.fail(ReplicaError::Dropped(e.to_string()));
+                }
             }
         }
     }
@@ -882,13 +997,18 @@ impl ReadyLoop {
         if let Some(hs) = ready.hs() {
             self.node.store().set_hard_state(hs)?;
         }
-        // One flush per batch: what is acknowledged or promised below is on disk.
-        let started = Instant::now();
-        self.store.flush()?;
-        self.metrics
-            .flush_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
+        // One flush per batch: what is acknowledged or promised below is on disk. A
+        // ready that only moves the commit index and applies entries needs none: the
+        // entries are already durable, and applying them again after a crash is a replay
+        // (the applied index only trails).
+        if ready.must_sync() {
+            let started = Instant::now();
+            self.store.flush()?;
+            self.metrics
+                .flush_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
+        }
         self.send_messages(ready.take_persisted_messages());
         let mut light = self.node.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -1060,9 +1180,10 @@ impl ReadyLoop {
                         }
                     };
                     let outcome = self.store.apply(entry.index, &command)?;
-                    if let Some((Waiter::Write(answer), _)) =
+                    if let Some((Waiter::Write(answer), since)) =
                         id.and_then(|id| self.pending.remove(&id))
                     {
+                        self.metrics.commit_latency.observe(since.elapsed());
                         let _ = answer.send(Ok(outcome));
                     }
                 }
