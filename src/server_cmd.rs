@@ -69,6 +69,10 @@ pub struct ServerArgs {
     /// keeps at least one interval of history for watches to resume from.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     compact_interval: Duration,
+    /// The write-ahead log's size in bytes (made once, full of zeros, so a sync never
+    /// writes metadata); when it fills, sled is made durable and the log starts over.
+    #[arg(long, default_value_t = 16 << 20)]
+    wal_bytes: u64,
 }
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
@@ -79,6 +83,10 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     );
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     anyhow::ensure!(args.peer_queue >= 1, "--peer-queue must be at least 1");
+    anyhow::ensure!(
+        (1 << 16..=1 << 34).contains(&args.wal_bytes),
+        "--wal-bytes must be between 64 KiB and 16 GiB"
+    );
     anyhow::ensure!(
         args.snapshot_entries >= 1,
         "--snapshot-entries must be at least 1"
@@ -139,6 +147,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
             snapshot_entries: args.snapshot_entries,
             catch_up_entries: args.catch_up_entries,
             compact_interval: args.compact_interval,
+            wal_bytes: args.wal_bytes,
             ..ReplicaSettings::default()
         },
         transport: TransportSettings {

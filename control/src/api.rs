@@ -214,7 +214,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         (
             "brink_raft_flushes_total",
             "counter",
-            "Ready batches made durable (one flush each).",
+            "Ready batches made durable (one write-ahead log sync each).",
             load(&m.flushes).to_string(),
         ),
         (
@@ -222,6 +222,12 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "counter",
             "Time spent making ready batches durable.",
             format!("{:.6}", load(&m.flush_micros) as f64 / 1e6),
+        ),
+        (
+            "brink_raft_checkpoints_total",
+            "counter",
+            "Checkpoints: sled's files made durable and the write-ahead log started over.",
+            load(&m.checkpoints).to_string(),
         ),
         (
             "brink_raft_read_index_rounds_total",

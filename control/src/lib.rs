@@ -1,8 +1,9 @@
 //! `brink-control`: the control plane.
 //!
-//! Today: the replicated store's state machine ([`store`]: keys with revisions,
-//! compare-and-set transactions, ranges, watch history, compaction, on sled). To come
-//! (issue 5 onward): raft-rs `RawNode` driving it, the QUIC transport between voters, the
+//! Today: the replicated store ([`store`]: keys with revisions, compare-and-set
+//! transactions, ranges, watch history, compaction and snapshot files, on sled), driven by
+//! raft-rs (`raftlog`, `wal`, `replica`), with members talking QUIC under the site CA
+//! (`transport`, `pki`, `member`) and a debugging API (`api`). To come: the
 //! Kubernetes-compatible API server, the scheduler and the bridge to an upstream cluster.
 //! It must not run guests or touch a node's disk: nodes reach it only through the
 //! Kubernetes API.
@@ -14,3 +15,4 @@ pub mod raftlog;
 pub mod replica;
 pub mod store;
 pub mod transport;
+pub mod wal;

@@ -307,6 +307,113 @@ impl SledLog {
     }
 }
 
+/// A ready batch as the write-ahead log records it: `count u32 ‖ (len u32 ‖ entry)* ‖
+/// hard state flag u8 ‖ [hard state]` (raft-rs's protobuf encodings).
+pub fn encode_batch(
+    entries: &[Entry],
+    hard_state: Option<&HardState>,
+) -> Result<Vec<u8>, LogError> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    let put = |out: &mut Vec<u8>, bytes: Vec<u8>| {
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(&bytes);
+    };
+    for entry in entries {
+        let bytes = entry
+            .write_to_bytes()
+            .map_err(|e| corrupt(format!("entry {}", entry.index), e))?;
+        put(&mut out, bytes);
+    }
+    match hard_state {
+        None => out.push(0),
+        Some(hs) => {
+            out.push(1);
+            put(
+                &mut out,
+                hs.write_to_bytes().map_err(|e| corrupt("hard state", e))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn decode_batch(bytes: &[u8]) -> Result<(Vec<Entry>, Option<HardState>), String> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let slice = bytes
+            .get(at..at.checked_add(n).ok_or("length overflow")?)
+            .ok_or_else(|| format!("cut short at byte {at}"))?;
+        at += n;
+        Ok(slice)
+    };
+    let count = u32::from_be_bytes(take(4)?.try_into().map_err(|_| "count")?) as usize;
+    let mut entries = Vec::with_capacity(count.min(bytes.len() / 4));
+    for _ in 0..count {
+        let len = u32::from_be_bytes(take(4)?.try_into().map_err(|_| "length")?) as usize;
+        entries.push(Entry::parse_from_bytes(take(len)?).map_err(|e| e.to_string())?);
+    }
+    let hard_state = match take(1)?[0] {
+        0 => None,
+        1 => {
+            let len = u32::from_be_bytes(take(4)?.try_into().map_err(|_| "length")?) as usize;
+            Some(HardState::parse_from_bytes(take(len)?).map_err(|e| e.to_string())?)
+        }
+        other => return Err(format!("hard state flag {other}")),
+    };
+    if at != bytes.len() {
+        return Err(format!("{} bytes left over", bytes.len() - at));
+    }
+    Ok((entries, hard_state))
+}
+
+impl SledLog {
+    /// Replays one write-ahead log record (a ready batch) into the log: its entries past
+    /// the truncation point (those before it are in a snapshot) and its hard state.
+    pub fn replay(&self, record: &[u8]) -> Result<(), LogError> {
+        let (entries, hard_state) =
+            decode_batch(record).map_err(|m| corrupt("write-ahead log record", m))?;
+        let truncated = self.truncated_index.load(Ordering::Relaxed);
+        let kept: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| e.index > truncated)
+            .collect();
+        if let Some(first) = kept.first()
+            && first.index > self.last_index.load(Ordering::Relaxed) + 1
+        {
+            return Err(corrupt(
+                "write-ahead log record",
+                format!(
+                    "entry {} does not follow the log's last entry {}",
+                    first.index,
+                    self.last_index.load(Ordering::Relaxed)
+                ),
+            ));
+        }
+        self.append(&kept)?;
+        if let Some(hs) = hard_state {
+            self.set_hard_state(&hs)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the hard state's commit index within what the log holds and at least what
+    /// was applied (the commit index need not be durable; raft learns it again).
+    pub fn settle_commit(&self, applied: u64) -> Result<(), LogError> {
+        let mut hs = self.hard_state()?;
+        let last = self.last_index.load(Ordering::Relaxed);
+        let commit = hs
+            .commit
+            .max(applied)
+            .min(last.max(self.truncated_index.load(Ordering::Relaxed)));
+        if commit != hs.commit {
+            hs.commit = commit;
+            self.set_hard_state(&hs)?;
+        }
+        Ok(())
+    }
+}
+
 impl Storage for SledLog {
     fn initial_state(&self) -> raft::Result<RaftState> {
         Ok(RaftState {
@@ -520,6 +627,70 @@ mod tests {
             (log.first_index().unwrap(), log.last_index().unwrap()),
             (21, 20)
         );
+    }
+
+    #[test]
+    fn write_ahead_records_replay_in_order_over_what_sled_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).unwrap();
+        let log = SledLog::open(&db).unwrap();
+        let hs = |term, commit| HardState {
+            term,
+            commit,
+            ..Default::default()
+        };
+        // Sled kept entries 1..=3; the log holds batches 4..=6, then a new leader's 5..=6
+        // replacing them, and a hard state.
+        log.append(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")])
+            .unwrap();
+        let records = [
+            encode_batch(
+                &[entry(2, 1, b"b"), entry(3, 1, b"c"), entry(4, 1, b"d")],
+                None,
+            )
+            .unwrap(),
+            encode_batch(&[entry(5, 1, b"e"), entry(6, 1, b"f")], Some(&hs(1, 4))).unwrap(),
+            encode_batch(&[entry(5, 2, b"E"), entry(6, 2, b"F")], Some(&hs(2, 6))).unwrap(),
+        ];
+        for r in &records {
+            log.replay(r).unwrap();
+        }
+        let got = log
+            .entries(1, 7, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(
+            got.iter()
+                .map(|e| (e.term, e.data.to_vec()))
+                .collect::<Vec<_>>(),
+            [
+                (1, b"a".to_vec()),
+                (1, b"b".to_vec()),
+                (1, b"c".to_vec()),
+                (1, b"d".to_vec()),
+                (2, b"E".to_vec()),
+                (2, b"F".to_vec())
+            ]
+        );
+        assert_eq!(log.hard_state().unwrap(), hs(2, 6));
+        // The commit index is kept within the log and at least what was applied.
+        log.set_hard_state(&hs(2, 99)).unwrap();
+        log.settle_commit(3).unwrap();
+        assert_eq!(log.hard_state().unwrap().commit, 6);
+        log.set_hard_state(&hs(2, 1)).unwrap();
+        log.settle_commit(3).unwrap();
+        assert_eq!(log.hard_state().unwrap().commit, 3);
+        // Entries a snapshot covers are skipped; a record that leaves a hole, or is not
+        // a record, is refused.
+        log.compact(4).unwrap();
+        log.replay(&records[0]).unwrap();
+        assert_eq!(
+            (log.first_index().unwrap(), log.last_index().unwrap()),
+            (5, 6)
+        );
+        let hole = encode_batch(&[entry(9, 2, b"x")], None).unwrap();
+        assert!(log.replay(&hole).is_err());
+        assert!(log.replay(b"\x00\x00\x00\x05garbage").is_err());
+        assert!(log.replay(&records[1][..records[1].len() - 1]).is_err());
     }
 
     #[test]

@@ -36,6 +36,7 @@ use crate::store::{
     encode_compaction,
 };
 use crate::transport::Transport;
+use crate::wal::{Wal, WalError};
 
 /// A replica's settings; every interval and limit is named here.
 #[derive(Debug, Clone)]
@@ -67,6 +68,9 @@ pub struct ReplicaSettings {
     /// resume from at least one interval back, as the Kubernetes API server compacts
     /// etcd.
     pub compact_interval: Duration,
+    /// The write-ahead log's size; when it is full, sled is checkpointed and the log
+    /// starts over.
+    pub wal_bytes: u64,
 }
 
 impl Default for ReplicaSettings {
@@ -82,6 +86,7 @@ impl Default for ReplicaSettings {
             snapshot_entries: 10_000,
             catch_up_entries: 5_000,
             compact_interval: Duration::from_secs(300),
+            wal_bytes: 16 << 20,
         }
     }
 }
@@ -121,6 +126,8 @@ pub enum ReplicaError {
     NotInitialized(PathBuf),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
 }
 
 type Answer<T> = tokio::sync::oneshot::Sender<Result<T, ReplicaError>>;
@@ -170,6 +177,8 @@ pub struct ReplicaMetrics {
     pub snapshots_send_failures: AtomicU64,
     /// History compactions applied here.
     pub compactions: AtomicU64,
+    /// Checkpoints (sled made durable, the write-ahead log started over).
+    pub checkpoints: AtomicU64,
     /// Writes proposed here, from arrival to applied and answered.
     pub commit_latency: LatencyHistogram,
 }
@@ -219,11 +228,15 @@ const PROPOSAL_MESSAGE_BYTES: usize = 1 << 20;
 /// Where a member keeps its snapshot files, under its data directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
 
+/// Where a member keeps its write-ahead log, under its data directory.
+pub const WAL_FILE: &str = "raft.wal";
+
 /// Finishes an install a crash interrupted: the store still holds the marker, the file
-/// is still there (it is removed only after a newer snapshot is in place).
-fn finish_interrupted_install(store: &Store, dir: &Path) -> Result<(), ReplicaError> {
+/// is still there (it is removed only after a newer snapshot is in place). True when
+/// there was one.
+fn finish_interrupted_install(store: &Store, dir: &Path) -> Result<bool, ReplicaError> {
     let Some(index) = store.installing()? else {
-        return Ok(());
+        return Ok(false);
     };
     let path = dir.join(SNAPSHOT_DIR).join(snapshot::file_name(index));
     tracing::warn!(index, path = %path.display(), "finishing a snapshot install a crash interrupted");
@@ -231,7 +244,7 @@ fn finish_interrupted_install(store: &Store, dir: &Path) -> Result<(), ReplicaEr
     let conf = conf_of(&header, &path)?;
     crate::raftlog::reset_to_snapshot(store.db(), header.index, header.term, &conf)?;
     store.finish_install()?;
-    Ok(())
+    Ok(true)
 }
 
 fn conf_of(header: &SnapshotHeader, path: &Path) -> Result<ConfState, ReplicaError> {
@@ -317,8 +330,20 @@ impl Replica {
         transport: Option<Arc<Transport>>,
     ) -> Result<Self, ReplicaError> {
         let store = Arc::new(Store::open(dir)?);
-        finish_interrupted_install(&store, dir)?;
+        let installed = finish_interrupted_install(&store, dir)?;
         let log = SledLog::open(store.db())?;
+        // What sled had not made durable is in the write-ahead log: replay it in order.
+        // After an interrupted install the log is obsolete (raft drops a log it replaces
+        // by a snapshot), so it starts over instead.
+        let (mut wal, records) = Wal::open(&dir.join(WAL_FILE), settings.wal_bytes)?;
+        if installed {
+            wal.reset()?;
+        } else {
+            for record in &records {
+                log.replay(record)?;
+            }
+        }
+        log.settle_commit(store.applied_index()?)?;
         let snapshot_dir = dir.join(SNAPSHOT_DIR);
         // A snapshot on disk from before the restart is offered again once it is checked
         // (a damaged one is set aside: the loop writes a new one when raft asks).
@@ -421,6 +446,7 @@ impl Replica {
             snapshot_dir,
             last_snapshot,
             compaction_mark: None,
+            wal,
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{:x}", settings.id))
@@ -567,6 +593,9 @@ impl Drop for Replica {
     }
 }
 
+/// A committed write entry waiting to be applied: its index, command and proposal id.
+type CommittedWrite = (u64, Command, Option<(u64, u64)>);
+
 /// A proposer waiting for its entry.
 enum Waiter {
     Write(Answer<Applied>),
@@ -622,6 +651,7 @@ struct ReadyLoop {
     /// When this member (as leader) last looked at compaction, and the revision then:
     /// the next compaction drops history before it.
     compaction_mark: Option<(Instant, u64)>,
+    wal: Wal,
 }
 
 fn entry_id(context: &[u8]) -> Option<(u64, u64)> {
@@ -997,13 +1027,23 @@ impl ReadyLoop {
         if let Some(hs) = ready.hs() {
             self.node.store().set_hard_state(hs)?;
         }
-        // One flush per batch: what is acknowledged or promised below is on disk. A
+        // One sync per batch: what is acknowledged or promised below is on disk. A
         // ready that only moves the commit index and applies entries needs none: the
         // entries are already durable, and applying them again after a crash is a replay
         // (the applied index only trails).
         if ready.must_sync() {
             let started = Instant::now();
-            self.store.flush()?;
+            let record = crate::raftlog::encode_batch(ready.entries(), ready.hs())?;
+            if !self.wal.fits(record.len()) {
+                self.checkpoint()?;
+            }
+            if self.wal.fits(record.len()) {
+                self.wal.append(&record)?;
+                self.wal.sync()?;
+            } else {
+                // Larger than the whole log: the checkpoint above made it durable.
+                self.store.flush()?;
+            }
             self.metrics
                 .flush_micros
                 .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -1041,6 +1081,19 @@ impl ReadyLoop {
         Ok(())
     }
 
+    /// Makes sled durable (its files fsynced) and starts the write-ahead log over.
+    fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        let started = Instant::now();
+        self.store.flush()?;
+        self.wal.reset()?;
+        self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            millis = started.elapsed().as_millis() as u64,
+            "checkpoint: sled durable, write-ahead log started over"
+        );
+        Ok(())
+    }
+
     /// Replaces the state machine and the log with the snapshot raft accepted (the
     /// transport placed its file, checked, before handing raft the message).
     fn install_snapshot(&mut self, snapshot: &raft::prelude::Snapshot) -> Result<(), ReplicaError> {
@@ -1062,6 +1115,8 @@ impl ReadyLoop {
             .store()
             .apply_snapshot(self.store.db(), meta.index, meta.term, &conf)?;
         self.store.finish_install()?;
+        // The log before the snapshot is gone: so is what the write-ahead log held.
+        self.wal.reset()?;
         self.node
             .store()
             .set_snapshot(meta.index, meta.term, conf.clone());
@@ -1147,8 +1202,16 @@ impl ReadyLoop {
 
     /// Applies committed entries in order and answers their proposers.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), ReplicaError> {
+        // Consecutive writes are applied together (one sled transaction).
+        let mut writes: Vec<CommittedWrite> = Vec::new();
         for entry in entries {
             let id = entry_id(&entry.context);
+            let is_write = entry.get_entry_type() == EntryType::EntryNormal
+                && !entry.data.is_empty()
+                && entry.data.first() != Some(&crate::store::COMPACTION_TAG);
+            if !is_write {
+                self.apply_writes(std::mem::take(&mut writes))?;
+            }
             match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => {
                     self.store.mark_applied(entry.index)?;
@@ -1169,22 +1232,14 @@ impl ReadyLoop {
                             message: e.to_string(),
                         }
                     })?;
-                    let command = match command {
-                        EntryCommand::Txn(command) => command,
+                    match command {
+                        EntryCommand::Txn(command) => writes.push((entry.index, command, id)),
                         EntryCommand::Compact { revision } => {
                             if self.store.apply_compaction(entry.index, revision)? {
                                 self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
                                 tracing::debug!(revision, "history compacted");
                             }
-                            continue;
                         }
-                    };
-                    let outcome = self.store.apply(entry.index, &command)?;
-                    if let Some((Waiter::Write(answer), since)) =
-                        id.and_then(|id| self.pending.remove(&id))
-                    {
-                        self.metrics.commit_latency.observe(since.elapsed());
-                        let _ = answer.send(Ok(outcome));
                     }
                 }
                 EntryType::EntryConfChange => {
@@ -1207,6 +1262,26 @@ impl ReadyLoop {
                         message: "joint configuration changes are not used by Brink".into(),
                     });
                 }
+            }
+        }
+        self.apply_writes(writes)
+    }
+
+    /// Applies consecutive write entries in one go and answers their proposers.
+    fn apply_writes(
+        &mut self,
+        writes: Vec<CommittedWrite>,
+    ) -> Result<(), ReplicaError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<(u64, &Command)> = writes.iter().map(|(i, c, _)| (*i, c)).collect();
+        let outcomes = self.store.apply_many(&batch)?;
+        for ((_, _, id), outcome) in writes.iter().zip(outcomes) {
+            if let Some((Waiter::Write(answer), since)) = id.and_then(|id| self.pending.remove(&id))
+            {
+                self.metrics.commit_latency.observe(since.elapsed());
+                let _ = answer.send(Ok(outcome));
             }
         }
         Ok(())
@@ -1430,6 +1505,61 @@ mod tests {
             .propose(create("/k/resumed", "v"))
             .await
             .expect("it commits");
+    }
+
+    /// The files of a running member, as a kill -9 leaves them (sled's pages flushed
+    /// only at checkpoints), come back with every acknowledged write; a small
+    /// write-ahead log fills and is checkpointed many times on the way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_write_ahead_log_brings_back_what_sled_had_not_made_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let small = ReplicaSettings {
+            wal_bytes: 16 << 10,
+            ..settings()
+        };
+        let copy = tempfile::tempdir().expect("tempdir");
+        let mut acknowledged = Vec::new();
+        {
+            let replica = Replica::start(dir.path(), small.clone(), init(), None).expect("start");
+            for i in 0..400 {
+                let key = format!("/w/{i:03}");
+                if let Applied::Done { revision } = replica
+                    .propose(create(&key, &"v".repeat(100)))
+                    .await
+                    .unwrap()
+                {
+                    acknowledged.push((key, revision));
+                }
+            }
+            assert!(replica.metrics.checkpoints.load(Ordering::Relaxed) >= 2);
+            // What a kill -9 leaves: the files as they are now, sled's unflushed pages
+            // and all (copied while the replica still runs and holds them).
+            copy_dir(dir.path(), copy.path());
+            std::mem::forget(replica);
+        }
+        let again = Replica::start(copy.path(), small, Bootstrap::Existing, None).expect("restart");
+        // Replayed entries are applied again by the loop: read linearizably.
+        again.read_barrier().await.expect("read index");
+        for (key, revision) in &acknowledged {
+            let value = again.store().get(key.as_bytes()).unwrap();
+            assert_eq!(value.map(|v| v.mod_revision), Some(*revision), "{key}");
+        }
+        again
+            .propose(create("/w/after", "v"))
+            .await
+            .expect("it commits");
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
     }
 
     #[test]
