@@ -19,8 +19,8 @@ pub mod snapshot;
 use std::path::{Path, PathBuf};
 
 pub use codec::{
-    COMMAND_VERSION, CodecError, CommandError, EntryCommand, decode_command, decode_entry,
-    encode_command, encode_compaction,
+    COMMAND_VERSION, COMPACTION_TAG, CodecError, CommandError, EntryCommand, decode_command,
+    decode_entry, encode_command, encode_compaction,
 };
 
 /// A stored value and its revisions, as etcd keeps them.
@@ -184,7 +184,10 @@ impl Store {
         // finishing) holds the lock for a moment, another process holds it for good.
         let deadline = std::time::Instant::now() + DIRECTORY_LOCK_WAIT;
         let db = loop {
-            match sled::Config::new().path(dir).open() {
+            // No background flusher: the write-ahead log makes batches durable, and
+            // a checkpoint (`flush`) makes sled's own files durable when the log starts
+            // over; a flusher only competes with the log's syncs for the disk.
+            match sled::Config::new().path(dir).flush_every_ms(None).open() {
                 Ok(db) => break db,
                 // sled reports a held lock as an Io error of kind Other with this text.
                 Err(sled::Error::Io(e))
@@ -273,10 +276,36 @@ impl Store {
         &self.db
     }
 
-    /// Makes every applied entry durable (sled's flush). Acknowledge writes after it.
+    /// Makes everything written so far durable, power cuts included: sled's flush
+    /// (which on Linux only pushes pages with `sync_file_range`), then an fsync of each
+    /// of sled's files and of the directory. A checkpoint: slow, so the ready loop's
+    /// batches go to the write-ahead log instead.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        Ok(())
+        let sync = |path: &Path| -> Result<(), StoreError> {
+            std::fs::File::open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| StoreError::Sled(sled::Error::Io(e)))
+        };
+        for entry in
+            std::fs::read_dir(&self.path).map_err(|e| StoreError::Sled(sled::Error::Io(e)))?
+        {
+            let entry = entry.map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name == "db" || name == "conf" || name.starts_with("snap.") {
+                sync(&entry.path())?;
+            } else if name == "blobs" {
+                for blob in std::fs::read_dir(entry.path())
+                    .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?
+                {
+                    let blob = blob.map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+                    sync(&blob.path())?;
+                }
+                sync(&entry.path())?;
+            }
+        }
+        sync(&self.path)
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Value>, StoreError> {
@@ -290,64 +319,83 @@ impl Store {
     /// the store's state and the command. One applier at a time (the raft ready loop):
     /// the checks read the state the writes then change.
     pub fn apply(&self, index: u64, command: &Command) -> Result<Applied, StoreError> {
-        if index <= self.applied_index()? {
-            return Ok(Applied::AlreadyApplied);
-        }
-        let mut batch = sled::Batch::default();
-        let mut meta = sled::Batch::default();
-        meta.insert(META_APPLIED, codec::encode_u64(index).to_vec());
-        let outcome = match self.plan(index, command)? {
-            Err(refusal) => Applied::Refused(refusal),
-            Ok(writes) => {
-                let mut history = sled::Batch::default();
-                for (key, change) in writes {
-                    let history_key = codec::history_key(index, &key);
-                    match change {
-                        EventKind::Put(value) => {
-                            batch.insert(key.clone(), codec::encode_value(&value));
-                            history.insert(
-                                history_key,
-                                codec::encode_event_kind(&EventKind::Put(value)),
-                            );
+        let mut outcomes = self.apply_many(&[(index, command)])?;
+        Ok(outcomes.pop().unwrap_or(Applied::AlreadyApplied))
+    }
+
+    /// Applies consecutive committed entries in order, as one sled transaction: all of
+    /// them or none survive a crash, and sled's per-transaction cost (it seals and
+    /// writes its buffer around each one) is paid once per batch, not per write. Each
+    /// entry sees the writes of those before it.
+    pub fn apply_many(&self, entries: &[(u64, &Command)]) -> Result<Vec<Applied>, StoreError> {
+        use sled::Transactional as _;
+        use sled::transaction::ConflictableTransactionError as Abort;
+        let applied_before = self.applied_index()?;
+        let result = (&self.kv, &self.history, &self.meta).transaction(|(kv, history, meta)| {
+            let mut outcomes = Vec::with_capacity(entries.len());
+            let mut last_applied = None;
+            let mut revision = None;
+            for &(index, command) in entries {
+                if index <= applied_before || last_applied.is_some_and(|l| index <= l) {
+                    outcomes.push(Applied::AlreadyApplied);
+                    continue;
+                }
+                last_applied = Some(index);
+                let get = |key: &[u8]| -> Result<Option<Value>, StoreError> {
+                    kv.get(key)
+                        .map_err(|e| match e {
+                            sled::transaction::UnabortableTransactionError::Storage(e) => {
+                                StoreError::Sled(e)
+                            }
+                            sled::transaction::UnabortableTransactionError::Conflict => {
+                                StoreError::Sled(sled::Error::Unsupported("conflict".into()))
+                            }
+                        })?
+                        .map(|bytes| {
+                            codec::decode_value(&bytes).map_err(|e| self.corrupt("kv", key, e))
+                        })
+                        .transpose()
+                };
+                match Self::plan(index, command, get).map_err(Abort::Abort)? {
+                    Err(refusal) => outcomes.push(Applied::Refused(refusal)),
+                    Ok(writes) => {
+                        for (key, change) in writes {
+                            let history_key = codec::history_key(index, &key);
+                            match &change {
+                                EventKind::Put(value) => {
+                                    kv.insert(key.clone(), codec::encode_value(value))?;
+                                }
+                                EventKind::Delete(_) => {
+                                    kv.remove(key.clone())?;
+                                }
+                            }
+                            history.insert(history_key, codec::encode_event_kind(&change))?;
                         }
-                        EventKind::Delete(last) => {
-                            batch.remove(key.clone());
-                            history.insert(
-                                history_key,
-                                codec::encode_event_kind(&EventKind::Delete(last)),
-                            );
-                        }
+                        revision = Some(index);
+                        outcomes.push(Applied::Done { revision: index });
                     }
                 }
-                meta.insert(META_REVISION, codec::encode_u64(index).to_vec());
-                // One transaction over the three trees: all of the entry or none of it.
-                use sled::Transactional as _;
-                (&self.kv, &self.history, &self.meta)
-                    .transaction(|(kv, h, m)| {
-                        kv.apply_batch(&batch)?;
-                        h.apply_batch(&history)?;
-                        m.apply_batch(&meta)?;
-                        Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-                    })
-                    .map_err(|e| match e {
-                        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                        sled::transaction::TransactionError::Abort(()) => {
-                            StoreError::Sled(sled::Error::Unsupported("aborted".into()))
-                        }
-                    })?;
-                return Ok(Applied::Done { revision: index });
             }
-        };
-        self.meta.apply_batch(meta)?;
-        Ok(outcome)
+            if let Some(index) = last_applied {
+                meta.insert(META_APPLIED, codec::encode_u64(index).to_vec())?;
+            }
+            if let Some(revision) = revision {
+                meta.insert(META_REVISION, codec::encode_u64(revision).to_vec())?;
+            }
+            Ok::<_, Abort<StoreError>>(outcomes)
+        });
+        result.map_err(|e| match e {
+            sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+            sled::transaction::TransactionError::Abort(e) => e,
+        })
     }
 
     /// What `command` would write at `index`, or why it is refused.
     #[allow(clippy::type_complexity)]
     fn plan(
-        &self,
         index: u64,
         command: &Command,
+        get: impl Fn(&[u8]) -> Result<Option<Value>, StoreError>,
     ) -> Result<Result<Vec<(Vec<u8>, EventKind)>, Refusal>, StoreError> {
         if command.ops.is_empty() {
             return Ok(Err(Refusal::Invalid {
@@ -365,7 +413,7 @@ impl Store {
         }
         let mut writes = Vec::with_capacity(command.ops.len());
         for (i, op) in command.ops.iter().enumerate() {
-            let current = self.get(op.key())?;
+            let current = get(op.key())?;
             let check = |expect: &Option<u64>, current: &Value| match expect {
                 Some(expected) if *expected != current.mod_revision => Some(Refusal::Conflict {
                     op: i,

@@ -502,3 +502,42 @@ mod snapshots {
         }
     }
 }
+
+#[test]
+fn a_batch_of_entries_applies_in_order_each_seeing_the_last_and_replays_change_nothing() {
+    let (_dir, s) = open();
+    let batch = [
+        (1, cmd(vec![create("/a", "1")])),
+        (2, cmd(vec![update("/a", "2", Some(1))])),
+        (3, cmd(vec![create("/a", "again")])),
+        (4, cmd(vec![delete("/a", Some(2)), create("/b", "b")])),
+    ];
+    let refs: Vec<(u64, &Command)> = batch.iter().map(|(i, c)| (*i, c)).collect();
+    assert_eq!(
+        s.apply_many(&refs).unwrap(),
+        vec![
+            Applied::Done { revision: 1 },
+            Applied::Done { revision: 2 },
+            Applied::Refused(Refusal::AlreadyExists { op: 0 }),
+            Applied::Done { revision: 4 },
+        ]
+    );
+    assert!(s.get(b"/a").unwrap().is_none());
+    assert_eq!(s.get(b"/b").unwrap().unwrap().create_revision, 4);
+    assert_eq!((s.applied_index().unwrap(), s.revision().unwrap()), (4, 4));
+    let events: Vec<u64> = s
+        .events_after(b"/", 0, 0)
+        .unwrap()
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    assert_eq!(events, vec![1, 2, 4, 4]);
+    // The same batch again (a replay after a restart): nothing changes.
+    assert!(
+        s.apply_many(&refs)
+            .unwrap()
+            .iter()
+            .all(|o| *o == Applied::AlreadyApplied)
+    );
+    assert_eq!(s.events_after(b"/", 0, 0).unwrap().len(), 4);
+}
