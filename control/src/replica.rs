@@ -1268,10 +1268,7 @@ impl ReadyLoop {
     }
 
     /// Applies consecutive write entries in one go and answers their proposers.
-    fn apply_writes(
-        &mut self,
-        writes: Vec<CommittedWrite>,
-    ) -> Result<(), ReplicaError> {
+    fn apply_writes(&mut self, writes: Vec<CommittedWrite>) -> Result<(), ReplicaError> {
         if writes.is_empty() {
             return Ok(());
         }
