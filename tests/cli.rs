@@ -150,8 +150,40 @@ fn node_refuses_bad_flags_before_doing_anything() {
 
 #[test]
 fn unbuilt_commands_say_so() {
-    fails_with(&["server", "--join", "127.0.0.1:1"], "not implemented yet");
     fails_with(&["chaos"], "not implemented yet");
+}
+
+#[test]
+fn server_refuses_bad_flags_before_writing_anything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("member");
+    let data = data.to_str().expect("utf-8");
+    fails_with(&["server", "--join", "127.0.0.1:1"], "--token");
+    fails_with(
+        &[
+            "server",
+            "--join",
+            "127.0.0.1:1",
+            "--token",
+            "not-a-token",
+            "--data-dir",
+            data,
+        ],
+        "--token",
+    );
+    fails_with(&["server", "--data-dir", data], "--init");
+    for (flag, value) in [
+        ("--wal-bytes", "10"),
+        ("--snapshot-entries", "0"),
+        ("--raft-tick", "0s"),
+        ("--compact-interval", "soon"),
+    ] {
+        fails_with(&["server", "--init", "--data-dir", data, flag, value], flag);
+    }
+    assert!(
+        !std::path::Path::new(data).exists(),
+        "a refused start left a data directory behind"
+    );
 }
 
 #[test]

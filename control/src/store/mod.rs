@@ -283,9 +283,12 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         let sync = |path: &Path| -> Result<(), StoreError> {
-            std::fs::File::open(path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| StoreError::Sled(sled::Error::Io(e)))
+            match std::fs::File::open(path).and_then(|f| f.sync_all()) {
+                // sled replaces its page-table snapshots (`snap.*`) on its own threads:
+                // one listed a moment ago may be gone, superseded by a newer one.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other.map_err(|e| StoreError::Sled(sled::Error::Io(e))),
+            }
         };
         for entry in
             std::fs::read_dir(&self.path).map_err(|e| StoreError::Sled(sled::Error::Io(e)))?
