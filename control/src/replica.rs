@@ -139,6 +139,8 @@ enum Request {
     Step(Box<Message>),
     /// The transport finished sending a snapshot to a member (true) or gave up (false).
     SnapshotSent(u64, bool),
+    /// The snapshot file the loop handed off has been written (or failed).
+    SnapshotWritten(Box<WrittenSnapshot>),
     Stop,
 }
 
@@ -224,6 +226,16 @@ impl LatencyHistogram {
 /// The most command bytes in one proposal message (a follower forwards it whole to the
 /// leader, so it must fit well inside a transport frame).
 const PROPOSAL_MESSAGE_BYTES: usize = 1 << 20;
+
+/// A snapshot file written off the ready loop.
+struct WrittenSnapshot {
+    index: u64,
+    term: u64,
+    conf: ConfState,
+    bytes: u64,
+    started: Instant,
+    result: Result<PathBuf, SnapshotError>,
+}
 
 /// Where a member keeps its snapshot files, under its data directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
@@ -445,8 +457,10 @@ impl Replica {
             was_leader: false,
             snapshot_dir,
             last_snapshot,
+            snapshot_writing: false,
             compaction_mark: None,
             wal,
+            inbox_sender: requests.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{:x}", settings.id))
@@ -648,6 +662,10 @@ struct ReadyLoop {
     snapshot_dir: PathBuf,
     /// The index of the newest snapshot made or installed here.
     last_snapshot: u64,
+    /// A snapshot file is being written off the loop.
+    snapshot_writing: bool,
+    /// The loop's own inbox, for work it hands off to report back.
+    inbox_sender: mpsc::Sender<Request>,
     /// When this member (as leader) last looked at compaction, and the revision then:
     /// the next compaction drops history before it.
     compaction_mark: Option<(Instant, u64)>,
@@ -739,6 +757,7 @@ impl ReadyLoop {
                 };
                 self.node.report_snapshot(to, status);
             }
+            Request::SnapshotWritten(written) => self.snapshot_written(*written)?,
             Request::Stop => return Ok(false),
         }
         Ok(true)
@@ -1149,13 +1168,16 @@ impl ReadyLoop {
         Ok(())
     }
 
-    /// Writes a snapshot and truncates the log when enough has been applied since the
-    /// last one, or when raft needs one to send.
+    /// Encodes a snapshot when enough has been applied since the last one, or when raft
+    /// needs one to send, and hands the file write (and its fsync) to another thread:
+    /// the loop pauses only to read the store.
     fn maybe_snapshot(&mut self) -> Result<(), ReplicaError> {
+        if self.snapshot_writing {
+            return Ok(());
+        }
         let applied = self.store.applied_index()?;
-        let wanted = self.node.store().take_snapshot_wanted();
         let due = applied >= self.last_snapshot + self.settings.snapshot_entries.max(1);
-        if applied <= self.last_snapshot || !(due || wanted) {
+        if applied <= self.last_snapshot || !(due || self.node.store().take_snapshot_wanted()) {
             return Ok(());
         }
         let started = Instant::now();
@@ -1168,23 +1190,61 @@ impl ReadyLoop {
                 .write_to_bytes()
                 .map_err(|e| ReplicaError::Dropped(e.to_string()))?,
         };
-        let (path, size) = snapshot::write(&self.store, &self.snapshot_dir, &header)?;
-        self.node.store().set_snapshot(applied, term, conf);
-        self.last_snapshot = applied;
-        let keep_from = applied.saturating_sub(self.settings.catch_up_entries);
+        let bytes = snapshot::encode(&self.store, &header)?;
+        let dir = self.snapshot_dir.clone();
+        let report = self.inbox_sender.clone();
+        self.snapshot_writing = true;
+        let spawned = std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(move || {
+                let result = snapshot::write_file(&dir, applied, &bytes);
+                let _ = report.send(Request::SnapshotWritten(Box::new(WrittenSnapshot {
+                    index: applied,
+                    term,
+                    conf,
+                    bytes: bytes.len() as u64,
+                    started,
+                    result,
+                })));
+            });
+        if let Err(e) = spawned {
+            self.snapshot_writing = false;
+            tracing::warn!(error = %e, "no thread to write a snapshot; trying again later");
+        }
+        Ok(())
+    }
+
+    /// Offers a snapshot written off the loop and truncates the log behind it.
+    fn snapshot_written(&mut self, written: WrittenSnapshot) -> Result<(), ReplicaError> {
+        self.snapshot_writing = false;
+        let path = match written.result {
+            Ok(path) => path,
+            Err(e) => {
+                tracing::warn!(index = written.index, error = %e, "snapshot not written; trying again later");
+                return Ok(());
+            }
+        };
+        // A snapshot installed from the leader meanwhile may be newer.
+        if written.index <= self.last_snapshot {
+            return Ok(());
+        }
+        self.node
+            .store()
+            .set_snapshot(written.index, written.term, written.conf);
+        self.last_snapshot = written.index;
+        let keep_from = written.index.saturating_sub(self.settings.catch_up_entries);
         self.node.store().compact(keep_from)?;
-        prune_snapshots(&self.snapshot_dir, applied);
+        prune_snapshots(&self.snapshot_dir, written.index);
         self.metrics.snapshots_made.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .first_index
             .store(self.node.store().first(), Ordering::Relaxed);
         tracing::info!(
-            index = applied,
-            bytes = size,
+            index = written.index,
+            bytes = written.bytes,
             path = %path.display(),
             log_first_index = self.node.store().first(),
-            millis = started.elapsed().as_millis() as u64,
-            asked_by_raft = wanted,
+            millis = written.started.elapsed().as_millis() as u64,
             "wrote a snapshot and truncated the log"
         );
         Ok(())
@@ -1433,13 +1493,19 @@ mod tests {
                 .await
                 .unwrap();
         }
+        // Snapshot files are written off the loop: wait for the second to land.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while first.metrics.snapshots_made.load(Ordering::Relaxed) < 2 {
+            assert!(Instant::now() < deadline, "no second snapshot");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let first_index = first.metrics.first_index.load(Ordering::Relaxed);
         assert!(first_index > 1, "the log was never truncated");
-        assert!(first.metrics.snapshots_made.load(Ordering::Relaxed) >= 2);
         let snapshots: Vec<_> = std::fs::read_dir(first.snapshot_dir())
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| snapshot::index_of(name).is_some())
             .collect();
         assert_eq!(
             snapshots.len(),

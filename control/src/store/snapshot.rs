@@ -13,7 +13,7 @@
 //! the store checks its own records on open, and the digest must match, before anything
 //! of the store is touched: a damaged or forged file is refused whole, naming the file.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
@@ -86,89 +86,70 @@ fn damaged(path: &Path, message: impl Into<String>) -> SnapshotError {
     }
 }
 
-/// A writer that hashes what it writes.
-struct Hashing<W> {
-    inner: W,
-    hash: Sha256,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Writes the store's whole state as the snapshot `header` into `dir` (made durable:
-/// the file and the directory are synced before it is named). Returns its path and size.
-/// The caller must not apply anything meanwhile (the ready loop writes it between
-/// batches).
-pub fn write(
-    store: &Store,
-    dir: &Path,
-    header: &SnapshotHeader,
-) -> Result<(PathBuf, u64), SnapshotError> {
-    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    let path = dir.join(file_name(header.index));
-    let tmp = dir.join(format!(".{}.tmp", file_name(header.index)));
-    let file = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
-    let mut out = Hashing {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        hash: Sha256::new(),
-    };
-    let result = (|| -> Result<(), SnapshotError> {
-        let io = io_error(&tmp);
-        let mut head = Vec::with_capacity(29 + header.conf.len());
-        head.extend_from_slice(MAGIC);
-        head.push(SNAPSHOT_VERSION);
-        head.extend_from_slice(&header.index.to_be_bytes());
-        head.extend_from_slice(&header.term.to_be_bytes());
-        head.extend_from_slice(&(header.conf.len() as u32).to_be_bytes());
-        head.extend_from_slice(&header.conf);
-        out.write_all(&head).map_err(io)?;
-        for (tag, tree) in [
-            (TREE_KV, &store.kv),
-            (TREE_HISTORY, &store.history),
-            (TREE_META, &store.meta),
-        ] {
-            for item in tree.iter() {
-                let (key, value) = item.map_err(StoreError::from)?;
-                if tag == TREE_META && key.as_ref() == META_INSTALLING {
-                    continue;
-                }
-                let mut record = Vec::with_capacity(9 + key.len() + value.len());
-                record.push(tag);
-                record.extend_from_slice(&(key.len() as u32).to_be_bytes());
-                record.extend_from_slice(&key);
-                record.extend_from_slice(&(value.len() as u32).to_be_bytes());
-                record.extend_from_slice(&value);
-                out.write_all(&record).map_err(io_error(&tmp))?;
+/// The store's whole state as the snapshot `header`, encoded in memory (the caller must
+/// not apply anything meanwhile: the ready loop encodes between batches, then hands the
+/// bytes to [`write_file`] off the loop).
+pub fn encode(store: &Store, header: &SnapshotHeader) -> Result<Vec<u8>, SnapshotError> {
+    let mut out = Vec::with_capacity(1 << 20);
+    out.extend_from_slice(MAGIC);
+    out.push(SNAPSHOT_VERSION);
+    out.extend_from_slice(&header.index.to_be_bytes());
+    out.extend_from_slice(&header.term.to_be_bytes());
+    out.extend_from_slice(&(header.conf.len() as u32).to_be_bytes());
+    out.extend_from_slice(&header.conf);
+    for (tag, tree) in [
+        (TREE_KV, &store.kv),
+        (TREE_HISTORY, &store.history),
+        (TREE_META, &store.meta),
+    ] {
+        for item in tree.iter() {
+            let (key, value) = item.map_err(StoreError::from)?;
+            if tag == TREE_META && key.as_ref() == META_INSTALLING {
+                continue;
             }
+            out.push(tag);
+            out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+            out.extend_from_slice(&key);
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(&value);
         }
-        out.write_all(&[TREE_END]).map_err(io_error(&tmp))?;
-        let digest = out.hash.clone().finalize();
-        let mut file = out
-            .inner
-            .into_inner()
-            .map_err(|e| io_error(&tmp)(e.into_error()))?;
-        file.write_all(&digest).map_err(io_error(&tmp))?;
-        file.sync_all().map_err(io_error(&tmp))?;
-        Ok(())
-    })();
-    if let Err(e) = result {
+    }
+    out.push(TREE_END);
+    let digest = Sha256::digest(&out);
+    out.extend_from_slice(&digest);
+    Ok(out)
+}
+
+/// Writes encoded snapshot `bytes` at `index` into `dir`, durably (the file and the
+/// directory synced before it is named). Returns its path.
+pub fn write_file(dir: &Path, index: u64, bytes: &[u8]) -> Result<PathBuf, SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let path = dir.join(file_name(index));
+    let tmp = dir.join(format!(".{}.tmp", file_name(index)));
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        return Err(io_error(&tmp)(e));
     }
     std::fs::rename(&tmp, &path).map_err(io_error(&path))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))?;
-    let size = std::fs::metadata(&path).map_err(io_error(&path))?.len();
-    Ok((path, size))
+    Ok(path)
+}
+
+/// Encodes and writes in one go (tests and tools).
+pub fn write(
+    store: &Store,
+    dir: &Path,
+    header: &SnapshotHeader,
+) -> Result<(PathBuf, u64), SnapshotError> {
+    let bytes = encode(store, header)?;
+    let path = write_file(dir, header.index, &bytes)?;
+    Ok((path, bytes.len() as u64))
 }
 
 /// A record of a snapshot file, as read.
