@@ -240,8 +240,9 @@ struct WrittenSnapshot {
 /// Where a member keeps its snapshot files, under its data directory.
 pub const SNAPSHOT_DIR: &str = "snapshots";
 
-/// Where a member keeps its write-ahead log, under its data directory.
-pub const WAL_FILE: &str = "raft.wal";
+/// The stem of a member's write-ahead log files (`raft-0.wal`, `raft-1.wal`) under its
+/// data directory.
+pub const WAL_STEM: &str = "raft";
 
 /// Finishes an install a crash interrupted: the store still holds the marker, the file
 /// is still there (it is removed only after a newer snapshot is in place). True when
@@ -347,7 +348,7 @@ impl Replica {
         // What sled had not made durable is in the write-ahead log: replay it in order.
         // After an interrupted install the log is obsolete (raft drops a log it replaces
         // by a snapshot), so it starts over instead.
-        let (mut wal, records) = Wal::open(&dir.join(WAL_FILE), settings.wal_bytes)?;
+        let (mut wal, records) = Wal::open(&dir.join(WAL_STEM), settings.wal_bytes)?;
         if installed {
             wal.reset()?;
         } else {
@@ -460,6 +461,7 @@ impl Replica {
             snapshot_writing: false,
             compaction_mark: None,
             wal,
+            checkpointing: None,
             inbox_sender: requests.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -670,6 +672,8 @@ struct ReadyLoop {
     /// the next compaction drops history before it.
     compaction_mark: Option<(Instant, u64)>,
     wal: Wal,
+    /// The checkpoint begun at the last switch of write-ahead files, if still running.
+    checkpointing: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
 }
 
 fn entry_id(context: &[u8]) -> Option<(u64, u64)> {
@@ -683,7 +687,7 @@ fn entry_id(context: &[u8]) -> Option<(u64, u64)> {
 
 impl ReadyLoop {
     fn run(&mut self, inbox: mpsc::Receiver<Request>) -> Result<(), ReplicaError> {
-        let result = self.run_inner(inbox);
+        let result = self.run_inner(inbox).and(self.finish_checkpoint());
         if let Err(e) = &result {
             tracing::error!(id = self.settings.id, error = %e, "replica stopped");
         }
@@ -1054,13 +1058,13 @@ impl ReadyLoop {
             let started = Instant::now();
             let record = crate::raftlog::encode_batch(ready.entries(), ready.hs())?;
             if !self.wal.fits(record.len()) {
-                self.checkpoint()?;
+                self.switch_wal()?;
             }
             if self.wal.fits(record.len()) {
                 self.wal.append(&record)?;
                 self.wal.sync()?;
             } else {
-                // Larger than the whole log: the checkpoint above made it durable.
+                // Larger than a whole file: made durable in sled itself.
                 self.store.flush()?;
             }
             self.metrics
@@ -1100,17 +1104,50 @@ impl ReadyLoop {
         Ok(())
     }
 
-    /// Makes sled durable (its files fsynced) and starts the write-ahead log over.
-    fn checkpoint(&mut self) -> Result<(), ReplicaError> {
-        let started = Instant::now();
-        self.store.flush()?;
-        self.wal.reset()?;
-        self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(
-            millis = started.elapsed().as_millis() as u64,
-            "checkpoint: sled durable, write-ahead log started over"
-        );
+    /// The active write-ahead file is full: waits for the last checkpoint (which covers
+    /// the other file's records), makes the other file active, and starts a checkpoint
+    /// (sled made durable, its files fsynced) of everything written so far beside the
+    /// loop.
+    fn switch_wal(&mut self) -> Result<(), ReplicaError> {
+        self.finish_checkpoint()?;
+        self.wal.switch()?;
+        let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        let spawned = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let started = Instant::now();
+                store.flush()?;
+                metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    millis = started.elapsed().as_millis() as u64,
+                    "checkpoint: sled durable"
+                );
+                Ok(())
+            });
+        match spawned {
+            Ok(handle) => self.checkpointing = Some(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for a checkpoint; making it here");
+                self.store.flush()?;
+                self.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(())
+    }
+
+    /// Waits for a running checkpoint; its failure stops the replica (sled could not be
+    /// made durable).
+    fn finish_checkpoint(&mut self) -> Result<(), ReplicaError> {
+        match self.checkpointing.take() {
+            None => Ok(()),
+            Some(handle) => handle.join().unwrap_or_else(|_| {
+                Err(StoreError::Sled(sled::Error::ReportableBug(
+                    "the checkpoint thread panicked".into(),
+                )))
+            }),
+        }
+        .map_err(ReplicaError::from)
     }
 
     /// Replaces the state machine and the log with the snapshot raft accepted (the
