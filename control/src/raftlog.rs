@@ -284,14 +284,6 @@ impl SledLog {
         self.snapshot_wanted.store(false, Ordering::Relaxed);
     }
 
-    /// The index of the snapshot offered, if any.
-    pub fn snapshot_index(&self) -> Option<u64> {
-        self.snapshot
-            .lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(|s| s.get_metadata().index))
-    }
-
     /// Whether raft asked for a snapshot newer than the one offered (and clears it).
     pub fn take_snapshot_wanted(&self) -> bool {
         self.snapshot_wanted.swap(false, Ordering::Relaxed)
