@@ -282,33 +282,28 @@ impl Store {
     /// batches go to the write-ahead log instead.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
-        let sync = |path: &Path| -> Result<(), StoreError> {
+        let sync = |path: &Path| -> Result<(), sled::Error> {
             match std::fs::File::open(path).and_then(|f| f.sync_all()) {
                 // sled replaces its page-table snapshots (`snap.*`) on its own threads:
                 // one listed a moment ago may be gone, superseded by a newer one.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                other => other.map_err(|e| StoreError::Sled(sled::Error::Io(e))),
+                other => Ok(other?),
             }
         };
-        for entry in
-            std::fs::read_dir(&self.path).map_err(|e| StoreError::Sled(sled::Error::Io(e)))?
-        {
-            let entry = entry.map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        for entry in std::fs::read_dir(&self.path).map_err(sled::Error::from)? {
+            let entry = entry.map_err(sled::Error::from)?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name == "db" || name == "conf" || name.starts_with("snap.") {
                 sync(&entry.path())?;
             } else if name == "blobs" {
-                for blob in std::fs::read_dir(entry.path())
-                    .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?
-                {
-                    let blob = blob.map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-                    sync(&blob.path())?;
+                for blob in std::fs::read_dir(entry.path()).map_err(sled::Error::from)? {
+                    sync(&blob.map_err(sled::Error::from)?.path())?;
                 }
                 sync(&entry.path())?;
             }
         }
-        sync(&self.path)
+        Ok(sync(&self.path)?)
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Value>, StoreError> {
