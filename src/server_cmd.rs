@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use brink_control::member::{self, MemberSettings, Start};
-use brink_control::pki::JoinToken;
-use brink_control::replica::ReplicaSettings;
-use brink_control::transport::TransportSettings;
+use brink_control::member::{self, Start};
+use brink_control::peers::pki::JoinToken;
+use brink_control::settings::{MemberSettings, ReplicaSettings, TransportSettings};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -76,25 +75,6 @@ pub struct ServerArgs {
 }
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(!args.raft_tick.is_zero(), "--raft-tick must be positive");
-    anyhow::ensure!(
-        args.heartbeat_ticks >= 1 && args.election_ticks > args.heartbeat_ticks,
-        "--election-ticks must be greater than --heartbeat-ticks (at least 1)"
-    );
-    anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
-    anyhow::ensure!(args.peer_queue >= 1, "--peer-queue must be at least 1");
-    anyhow::ensure!(
-        (1 << 16..=1 << 34).contains(&args.wal_bytes),
-        "--wal-bytes must be between 64 KiB and 16 GiB"
-    );
-    anyhow::ensure!(
-        args.snapshot_entries >= 1,
-        "--snapshot-entries must be at least 1"
-    );
-    anyhow::ensure!(
-        !args.request_timeout.is_zero(),
-        "--request-timeout must be positive"
-    );
     let advertise = match &args.advertise_peer {
         Some(a) => a.clone(),
         None if args.peer_listen.ip().is_unspecified() => anyhow::bail!(
@@ -128,10 +108,6 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         ),
         (None, false) => Start::Restart,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}", args.listen))?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let init = matches!(how, Start::Init);
     let settings = MemberSettings {
         data_dir: dir.clone(),
@@ -155,13 +131,18 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
             ..TransportSettings::default()
         },
     };
+    settings.check()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let running = member::start(settings, how)
         .await
         .with_context(|| format!("start the member in {}", dir.display()))?;
     if init {
         eprintln!(
             "brink: a new cluster; other members join with\n  brink server --join {advertise} --token \"$(cat {})\"",
-            brink_control::pki::pki_dir(&dir)
+            brink_control::peers::pki::pki_dir(&dir)
                 .join("join-token")
                 .display()
         );
@@ -173,9 +154,9 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         dir = %dir.display(),
         "control-plane member serving"
     );
-    let api = tokio::spawn(brink_control::api::serve(
+    let api = tokio::spawn(brink_control::store_api::serve(
         listener,
-        brink_control::api::ApiState {
+        brink_control::store_api::ApiState {
             replica: running.replica.clone(),
             transport: Some(running.transport.metrics.clone()),
         },

@@ -1,18 +1,21 @@
 //! `brink-control`: the control plane.
 //!
-//! Today: the replicated store ([`store`]: keys with revisions, compare-and-set
-//! transactions, ranges, watch history, compaction and snapshot files, on sled), driven by
-//! raft-rs (`raftlog`, `wal`, `replica`), with members talking QUIC under the site CA
-//! (`transport`, `pki`, `member`) and a debugging API (`api`). To come: the
-//! Kubernetes-compatible API server, the scheduler and the bridge to an upstream cluster.
-//! It must not run guests or touch a node's disk: nodes reach it only through the
-//! Kubernetes API.
+//! - [`store`]: the replicated state machine (keys with revisions, compare-and-set
+//!   transactions, ranges, watch history, compaction, snapshot files) on sled.
+//! - [`consensus`]: raft-rs driving the store (the replica, its ready loop, the log and
+//!   the write-ahead files).
+//! - [`peers`]: the site CA and credentials, and QUIC between members.
+//! - [`member`]: one member's start (init, join, restart) tying those together.
+//! - [`settings`]: every setting, with its checks.
+//! - [`store_api`]: the store's debugging API (`brink store`), `/readyz` and `/metrics`.
+//!
+//! To come: the Kubernetes-compatible API server, the scheduler and controllers, and the
+//! bridge to an upstream cluster. It must not run guests or touch a node's disk: nodes
+//! reach it only through the Kubernetes API.
 
-pub mod api;
+pub mod consensus;
 pub mod member;
-pub mod pki;
-pub mod raftlog;
-pub mod replica;
+pub mod peers;
+pub mod settings;
 pub mod store;
-pub mod transport;
-pub mod wal;
+pub mod store_api;

@@ -16,9 +16,10 @@ use brink_proto::peer::{Frame, Member};
 use raft::prelude::{ConfChange, ConfChangeType, Message};
 use serde::{Deserialize, Serialize};
 
-use crate::pki::{JoinToken, MemberPki, PkiError, SiteCa};
-use crate::replica::{Bootstrap, Replica, ReplicaError, ReplicaSettings};
-use crate::transport::{self, PeerHandler, Transport, TransportError, TransportSettings};
+use crate::consensus::replica::{Bootstrap, Replica, ReplicaError};
+use crate::peers::pki::{JoinToken, MemberPki, PkiError, SiteCa};
+use crate::peers::transport::{self, PeerHandler, Transport, TransportError};
+use crate::settings::{MemberSettings, ReplicaSettings};
 
 const MEMBER_FILE: &str = "member.json";
 /// The longest peer address a newcomer may give.
@@ -47,18 +48,6 @@ pub enum Start {
     Join { addr: String, token: JoinToken },
     /// The data directory already holds this member.
     Restart,
-}
-
-/// A member's settings.
-pub struct MemberSettings {
-    pub data_dir: PathBuf,
-    /// Where the QUIC endpoint listens.
-    pub peer_listen: SocketAddr,
-    /// Where other members dial this one.
-    pub advertise: String,
-    /// Raft settings (the id is this member's own, whatever is set here).
-    pub replica: ReplicaSettings,
-    pub transport: TransportSettings,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -207,7 +196,7 @@ pub async fn start(settings: MemberSettings, how: Start) -> Result<RunningMember
         endpoint,
         &pki,
         settings.transport.clone(),
-        dir.join(crate::replica::SNAPSHOT_DIR),
+        dir.join(crate::consensus::replica::SNAPSHOT_DIR),
     )?;
     for m in &seed_members {
         transport.set_peer(m.id, &m.peer_addr);

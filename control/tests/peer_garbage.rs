@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use brink_control::member::{self, MemberSettings, Start};
-use brink_control::pki::{self, MemberPki};
-use brink_control::replica::ReplicaSettings;
+use brink_control::member::{self, Start};
+use brink_control::peers::pki::{self, MemberPki};
+use brink_control::peers::transport;
+use brink_control::settings::{MemberSettings, ReplicaSettings, TransportSettings};
 use brink_control::store::{Applied, Command, Op};
-use brink_control::transport::{self, TransportSettings};
 use brink_proto::peer::{Frame, encode_frame};
 use protobuf::Message as _;
 

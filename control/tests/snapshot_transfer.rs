@@ -6,11 +6,10 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use brink_control::member::{self, MemberSettings, RunningMember, Start};
-use brink_control::pki::MemberPki;
-use brink_control::replica::ReplicaSettings;
+use brink_control::member::{self, RunningMember, Start};
+use brink_control::peers::pki::MemberPki;
+use brink_control::settings::{MemberSettings, ReplicaSettings, TransportSettings};
 use brink_control::store::{Applied, Command, Op};
-use brink_control::transport::TransportSettings;
 
 fn free_udp() -> std::net::SocketAddr {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");

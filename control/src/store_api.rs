@@ -30,8 +30,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
-use crate::replica::{Replica, ReplicaError};
-use crate::transport::TransportMetrics;
+use crate::consensus::replica::{Replica, ReplicaError};
+use crate::peers::transport::TransportMetrics;
 
 /// What the API's handlers share.
 pub struct ApiState {

@@ -37,47 +37,8 @@ use rustls::pki_types::CertificateDer;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::pki::{self, MEMBER_SERVER_NAME};
-
-/// The transport's limits and intervals.
-#[derive(Debug, Clone)]
-pub struct TransportSettings {
-    /// Raft messages queued for one peer before new ones are dropped.
-    pub peer_queue: usize,
-    /// The most bytes of raft messages written as one frame.
-    pub max_batch_bytes: usize,
-    /// The first wait after a failed connection attempt (doubling up to the maximum).
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
-    /// A connection silent for this long is dead (keep-alives go at a third of it).
-    pub idle_timeout: Duration,
-    /// The first connection attempt to a peer gives up after this (doubling on each
-    /// failure up to `idle_timeout`): a peer that is not listening yet (a newcomer still
-    /// binding its port) is tried again soon rather than after QUIC's own retransmits.
-    pub connect_timeout: Duration,
-    /// How long a join may take, end to end.
-    pub join_timeout: Duration,
-    /// The largest snapshot file sent or accepted.
-    pub max_snapshot_bytes: u64,
-    /// The bytes of a snapshot file in one chunk frame.
-    pub snapshot_chunk_bytes: usize,
-}
-
-impl Default for TransportSettings {
-    fn default() -> Self {
-        Self {
-            peer_queue: 4096,
-            max_batch_bytes: 4 << 20,
-            backoff_min: Duration::from_millis(50),
-            backoff_max: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_millis(250),
-            join_timeout: Duration::from_secs(60),
-            max_snapshot_bytes: 8 << 30,
-            snapshot_chunk_bytes: 1 << 20,
-        }
-    }
-}
+use crate::peers::pki::{self, MEMBER_SERVER_NAME};
+use crate::settings::TransportSettings;
 
 /// Why the transport could not start or a join failed.
 #[derive(Debug, thiserror::Error)]
