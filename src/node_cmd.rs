@@ -145,7 +145,7 @@ impl NodeFlags {
         let mut s = NodeSettings::new(data_dir);
         if let Some(name) = &self.node_name {
             anyhow::ensure!(
-                brink_proto::manifest::is_dns_subdomain(name),
+                brink_proto::meta::is_dns_subdomain(name),
                 "--node-name {name:?} is not a valid node name"
             );
             s.node_name = name.clone();

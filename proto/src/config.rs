@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 
-use crate::manifest::{FieldError, field_err, validate_name_and_namespace};
+use crate::meta::{FieldError, field_err, validate_name_and_namespace};
 
 /// The most data one ConfigMap or Secret may hold, as in Kubernetes.
 pub const MAX_DATA_BYTES: usize = 1024 * 1024;

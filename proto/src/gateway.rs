@@ -23,7 +23,7 @@ use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::manifest::{FieldError, field_err, is_dns_label, validate_name_and_namespace};
+use crate::meta::{FieldError, field_err, is_dns_label, validate_name_and_namespace};
 
 /// The Gateway API group.
 pub const GROUP: &str = "gateway.networking.k8s.io";
@@ -52,7 +52,7 @@ pub struct RouteManifest {
 pub fn validate_gateway_class(class: &mut GatewayClass) -> Result<(), FieldError> {
     class.metadata.namespace = None;
     let name = class.metadata.name.as_deref().unwrap_or_default();
-    if !crate::manifest::is_dns_subdomain(name) {
+    if !crate::meta::is_dns_subdomain(name) {
         return Err(field_err(
             "metadata.name",
             format!("{name:?} is not a valid name"),

@@ -2,13 +2,15 @@
 //!
 //! This crate owns the validation of the resource types Brink runs (`v1` Pods, ConfigMaps,
 //! Secrets, Services and Namespaces from manifests, see [`manifest`], with pod volumes in
-//! [`volumes`], and the Gateway API kinds in [`gateway`]) and, as they land, the wire formats between Brink processes.
+//! [`volumes`], the Gateway API kinds in [`gateway`], and the metadata rules every kind
+//! shares in [`meta`]) and the wire formats between Brink processes ([`peer`]).
 //! It does no I/O: callers hand it bytes and get typed values or a typed error that names
 //! the file, the document and the field at fault.
 
 pub mod config;
 pub mod gateway;
 pub mod manifest;
+pub mod meta;
 pub mod outbound;
 pub mod peer;
 pub mod quantity;

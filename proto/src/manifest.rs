@@ -21,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::meta::{FieldError, field_err, is_dns_label, validate_name_and_namespace};
 use crate::quantity::parse_bytes;
 
 /// The restart policies Kubernetes defines; anything else is refused.
@@ -130,20 +131,6 @@ pub fn object_key(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Obj
 /// `namespace/name` of a validated pod.
 pub fn pod_key(pod: &Pod) -> String {
     object_key(&pod.metadata)
-}
-
-/// A problem with one field, before the source and document are known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-pub(crate) fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        message: message.into(),
-    }
 }
 
 /// Parses every document in `text`. Empty documents are skipped. Any error anywhere means
@@ -378,31 +365,6 @@ fn strict<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T,
     Ok(object)
 }
 
-/// Checks a name and fills in the default namespace, as the API server does for every
-/// namespaced object.
-pub(crate) fn validate_name_and_namespace(
-    metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Result<(), FieldError> {
-    let name = metadata
-        .name
-        .as_deref()
-        .ok_or_else(|| field_err("metadata.name", "required"))?;
-    if !is_dns_subdomain(name) {
-        return Err(field_err(
-            "metadata.name",
-            format!("{name:?} is not a valid name (lowercase letters, digits, '-' and '.')"),
-        ));
-    }
-    let namespace = metadata.namespace.get_or_insert_with(|| "default".into());
-    if !is_dns_label(namespace) {
-        return Err(field_err(
-            "metadata.namespace",
-            format!("{namespace:?} is not a valid namespace"),
-        ));
-    }
-    Ok(())
-}
-
 /// `spec.containers.0.image` → `spec.containers[0].image`, as kubectl prints paths.
 fn bracket_indices(path: &str) -> String {
     let mut out = String::with_capacity(path.len() + 4);
@@ -424,21 +386,6 @@ fn bracket_indices(path: &str) -> String {
         }
     }
     out
-}
-
-/// A DNS-1123 label: what Kubernetes requires of namespaces and container names.
-pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// A DNS-1123 subdomain: what Kubernetes requires of pod names.
-pub fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// Checks what the type system cannot, and fills in the defaults Kubernetes' API server

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::{KeyToPath, Volume, VolumeMount};
 
-use crate::manifest::{FieldError, field_err, is_dns_label};
+use crate::meta::{FieldError, field_err, is_dns_label};
 
 /// The volume sources Brink implements.
 pub const VOLUME_SOURCES: [&str; 4] = ["emptyDir", "hostPath", "configMap", "secret"];

@@ -839,7 +839,7 @@ fn mark_conflicts(drafts: &mut BTreeMap<String, GatewayDraft>) {
 /// Where a route attaches under one parentRef: listener indexes with the effective
 /// hostnames (`None`: any host), or why it attaches nowhere.
 fn attach_route(
-    invalid: Option<&brink_proto::manifest::FieldError>,
+    invalid: Option<&brink_proto::meta::FieldError>,
     parent: &HttpRouteParentRefs,
     route_namespace: &str,
     hostnames: &[String],
