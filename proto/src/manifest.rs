@@ -24,6 +24,9 @@ use thiserror::Error;
 use crate::meta::{FieldError, field_err, is_dns_label, validate_name_and_namespace};
 use crate::quantity::parse_bytes;
 
+/// The most containers one pod may hold: each is an instance, a log file and a share of
+/// its sandbox, and Kubernetes' own object size limit would allow thousands.
+pub const MAX_CONTAINERS: usize = 64;
 /// The restart policies Kubernetes defines; anything else is refused.
 pub const RESTART_POLICIES: [&str; 3] = ["Always", "OnFailure", "Never"];
 /// The image pull policies Kubernetes defines.
@@ -138,6 +141,14 @@ pub fn pod_key(pod: &Pod) -> String {
 pub fn parse_manifests(source_name: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
     let mut objects = Vec::new();
     let mut keys = HashSet::new();
+    crate::meta::check_nesting(text, crate::meta::MAX_NESTING).map_err(|message| {
+        ManifestError {
+            source_name: source_name.to_string(),
+            document: 1,
+            field: None,
+            message,
+        }
+    })?;
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_no = index + 1;
         let err = |field: Option<String>, message: String| ManifestError {
@@ -441,6 +452,15 @@ pub fn validate_pod(pod: &mut Pod) -> Result<(), FieldError> {
         return Err(field_err(
             "spec.containers",
             "at least one container is required",
+        ));
+    }
+    if spec.containers.len() > MAX_CONTAINERS {
+        return Err(field_err(
+            "spec.containers",
+            format!(
+                "{} containers: a Brink pod holds at most {MAX_CONTAINERS}",
+                spec.containers.len()
+            ),
         ));
     }
     let mut names = HashSet::new();
