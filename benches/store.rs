@@ -155,6 +155,7 @@ impl Cluster {
                 .arg(&p.dir)
                 .args(["--listen", &p.api.to_string()])
                 .args(["--peer-listen", &p.peer.to_string()])
+                .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
                 .args(&self.extra)
                 .args(extra)
                 .env("RUST_LOG", "error")

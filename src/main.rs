@@ -40,7 +40,7 @@ enum Command {
     Get(client::GetArgs),
     /// Print a container's logs.
     Logs(client::LogsArgs),
-    /// Run a control-plane member (today a single voter; see `brink server --help`).
+    /// Run a control-plane member: the replicated store and the Kubernetes API.
     Server(server_cmd::ServerArgs),
     /// Read and write a control-plane member's store (a debugging client).
     Store(store_cmd::StoreArgs),

@@ -1,5 +1,6 @@
 //! `brink server`: a control-plane member. Raft on sled, QUIC with mutual TLS between
-//! members, the store's debugging API with `/readyz` and `/metrics`.
+//! members, the Kubernetes API over HTTPS, and the store's debugging API with `/readyz`
+//! and `/metrics`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,24 @@ pub struct ServerArgs {
     /// Where the store API, /readyz and /metrics listen (plain HTTP: keep it on loopback).
     #[arg(long, default_value = "127.0.0.1:2379")]
     listen: SocketAddr,
+    /// Where the Kubernetes API listens (HTTPS; client certificates under the site CA
+    /// or bearer tokens).
+    #[arg(long, default_value = "0.0.0.0:6443")]
+    api_listen: SocketAddr,
+    /// The address clients reach the Kubernetes API at (default: --api-listen, or the
+    /// host of --advertise-peer with the API port when --api-listen is a wildcard).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise_api: Option<String>,
+    /// Static bearer tokens for the Kubernetes API, one `token,user,uid[,"groups"]` per
+    /// line (kube-apiserver's --token-auth-file format).
+    #[arg(long, value_name = "FILE")]
+    token_auth_file: Option<PathBuf>,
+    /// Most open connections to the Kubernetes API (keep it below the file handle limit).
+    #[arg(long, default_value_t = 2048)]
+    api_max_connections: usize,
+    /// Most open watches on this member's Kubernetes API.
+    #[arg(long, default_value_t = 8192)]
+    api_max_watches: usize,
     /// Where the QUIC endpoint for other members listens (UDP).
     #[arg(long, default_value = "127.0.0.1:2380")]
     peer_listen: SocketAddr,
@@ -132,13 +151,89 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         },
     };
     settings.check()?;
+    anyhow::ensure!(
+        args.api_max_connections >= 1 && args.api_max_watches >= 1,
+        "--api-max-connections and --api-max-watches must be at least 1"
+    );
+    let advertise_api = match &args.advertise_api {
+        Some(a) => a.clone(),
+        None if args.api_listen.ip().is_unspecified() => {
+            let host = advertise
+                .rsplit_once(':')
+                .map_or(advertise.as_str(), |(h, _)| h);
+            format!("{host}:{}", args.api_listen.port())
+        }
+        None => args.api_listen.to_string(),
+    };
+    let tokens = match &args.token_auth_file {
+        Some(path) => brink_control::apiserver::Tokens::read(path)?,
+        None => brink_control::apiserver::Tokens::default(),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
+    let api_listener = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("--api-listen {}", args.api_listen))?;
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let running = member::start(settings, how)
         .await
         .with_context(|| format!("start the member in {}", dir.display()))?;
+    let kubeconfig = if init {
+        let admin = running
+            .pki
+            .ca
+            .issue_api_client("brink-admin", &["system:masters"])?;
+        let text = brink_control::peers::pki::kubeconfig(
+            &running.pki.ca.cert_pem,
+            std::slice::from_ref(&advertise_api),
+            "brink-admin",
+            &admin,
+        );
+        Some(brink_control::peers::pki::write_secret_file(
+            &dir,
+            "admin.kubeconfig",
+            &text,
+        )?)
+    } else {
+        None
+    };
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "kubernetes".to_owned(),
+        "kubernetes.default".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+    ];
+    let host = advertise_api
+        .rsplit_once(':')
+        .map_or(advertise_api.as_str(), |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_owned();
+    for name in [host, args.api_listen.ip().to_string()] {
+        if !names.contains(&name) && name != "0.0.0.0" && name != "::" {
+            names.push(name);
+        }
+    }
+    let tls = running.pki.api_server_config(names)?;
+    let api_server = brink_control::apiserver::start(
+        api_listener,
+        tls,
+        running.replica.clone(),
+        brink_control::apiserver::ApiServerSettings {
+            advertise: advertise_api.clone(),
+            max_connections: args.api_max_connections,
+            max_watches: args.api_max_watches,
+            ..Default::default()
+        },
+        tokens,
+    );
+    if let Some(path) = &kubeconfig {
+        eprintln!(
+            "brink: the Kubernetes API is at https://{advertise_api}; use it with\n  export KUBECONFIG={}",
+            path.display()
+        );
+    }
     if init {
         eprintln!(
             "brink: a new cluster; other members join with\n  brink server --join {advertise} --token \"$(cat {})\"",
@@ -150,6 +245,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(
         member = running.id,
         listen = %args.listen,
+        api = %advertise_api,
         peer = %advertise,
         dir = %dir.display(),
         "control-plane member serving"
@@ -162,6 +258,7 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         },
     ));
     crate::node_cmd::shutdown_signal().await;
+    api_server.stop();
     api.abort();
     let _ = api.await;
     tokio::task::spawn_blocking(move || running.stop()).await??;

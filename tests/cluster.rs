@@ -78,6 +78,7 @@ impl Member {
             .arg(&self.dir)
             .args(["--listen", &self.api.to_string()])
             .args(["--peer-listen", &self.peer.to_string()])
+            .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--raft-tick", TICK, "--request-timeout", REQUEST_TIMEOUT])
             .args(SNAPSHOT_FLAGS)
             .args(extra)
@@ -832,6 +833,8 @@ fn bad_joins_are_refused_and_change_nothing() {
             "--listen",
             &format!("127.0.0.1:{}", free_port()),
             "--peer-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--api-listen",
             &format!("127.0.0.1:{}", free_port()),
         ]);
         assert!(!out.status.success());

@@ -48,6 +48,7 @@ impl Server {
             .arg(&self.dir)
             .args(["--listen", &self.addr.to_string(), "--raft-tick", "20ms"])
             .args(["--peer-listen", &self.peer.to_string()])
+            .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
             .args(&self.extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -197,6 +198,15 @@ fn the_leader_compacts_history_on_its_interval_and_it_stays_compacted() {
             .as_u64()
             .expect("revision")
     };
+    // The API server writes the site's system namespaces and default RBAC once at
+    // start; wait for the last of them so no other write lands between these.
+    wait_for("the API server's bootstrap objects", || {
+        let path =
+            "/v0/get?key=/registry/rbac.authorization.k8s.io/clusterrolebindings/system:discovery";
+        http_json(server.addr, "GET", path, None)
+            .ok()
+            .filter(|(status, _)| *status == 200)
+    });
     let first = revision(create(server.addr, "/c/a", "1").unwrap());
     let second = revision(create(server.addr, "/c/b", "2").unwrap());
     // Both writes were timed from arrival to applied.

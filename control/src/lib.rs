@@ -8,11 +8,12 @@
 //! - [`member`]: one member's start (init, join, restart) tying those together.
 //! - [`settings`]: every setting, with its checks.
 //! - [`store_api`]: the store's debugging API (`brink store`), `/readyz` and `/metrics`.
+//! - [`apiserver`]: the Kubernetes API over the store, served by every member.
 //!
-//! To come: the Kubernetes-compatible API server, the scheduler and controllers, and the
-//! bridge to an upstream cluster. It must not run guests or touch a node's disk: nodes
+//! To come: the scheduler and controllers, and the bridge to an upstream cluster. It must not run guests or touch a node's disk: nodes
 //! reach it only through the Kubernetes API.
 
+pub mod apiserver;
 pub mod consensus;
 pub mod member;
 pub mod peers;

@@ -134,6 +134,15 @@ impl SiteCa {
     }
 
     fn issue(&self, names: Vec<String>, common_name: &str) -> Result<Credential, PkiError> {
+        self.issue_with_groups(names, common_name, &[])
+    }
+
+    fn issue_with_groups(
+        &self,
+        names: Vec<String>,
+        common_name: &str,
+        groups: &[&str],
+    ) -> Result<Credential, PkiError> {
         let ca_key = rcgen::KeyPair::from_pem(&self.key_pem)?;
         let issuer = rcgen::Issuer::new(ca_params()?, ca_key);
         let key = rcgen::KeyPair::generate()?;
@@ -141,6 +150,11 @@ impl SiteCa {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, common_name);
+        for group in groups {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, *group);
+        }
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -164,6 +178,17 @@ impl SiteCa {
     /// The admin credential `--init` writes for the operator.
     pub fn issue_admin(&self) -> Result<Credential, PkiError> {
         self.issue(vec![ADMIN_NAME.to_owned()], "brink admin")
+    }
+
+    /// A client certificate for the Kubernetes API: CN is the user, each O a group
+    /// (as kube-apiserver reads x509 client certificates).
+    pub fn issue_api_client(&self, user: &str, groups: &[&str]) -> Result<Credential, PkiError> {
+        self.issue_with_groups(Vec::new(), user, groups)
+    }
+
+    /// The API server's serving certificate, naming every address clients use.
+    pub fn issue_api_serving(&self, names: Vec<String>) -> Result<Credential, PkiError> {
+        self.issue(names, "brink-apiserver")
     }
 }
 
@@ -367,6 +392,37 @@ impl MemberPki {
         Ok(config)
     }
 
+    /// The Kubernetes API's HTTPS side: a serving certificate naming `names`, issued
+    /// now by the site CA; client certificates under the site CA are verified when
+    /// presented (bearer tokens serve clients without one).
+    pub fn api_server_config(&self, names: Vec<String>) -> Result<rustls::ServerConfig, PkiError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots()?),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| PkiError::Verifier(e.to_string()))?;
+        let serving = self.ca.issue_api_serving(names)?;
+        let cert = CertificateDer::from_pem_slice(serving.cert_pem.as_bytes()).map_err(|_| {
+            PkiError::Pem {
+                path: PathBuf::from("api serving certificate"),
+                what: "certificate",
+            }
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(serving.key_pem.as_bytes()).map_err(|_| {
+            PkiError::Pem {
+                path: PathBuf::from("api serving key"),
+                what: "private key",
+            }
+        })?;
+        Ok(rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![cert, self.ca.cert_der.clone()], key)?)
+    }
+
     /// The QUIC client side between members: verifies the peer under the site CA and
     /// presents this member's certificate.
     pub fn client_config(&self) -> Result<rustls::ClientConfig, PkiError> {
@@ -379,6 +435,43 @@ impl MemberPki {
         config.alpn_protocols = vec![PEER_ALPN.to_vec()];
         Ok(config)
     }
+}
+
+/// A kubeconfig for `user` with `credential`, trusting the site CA, one cluster and
+/// context per server address (the first is current).
+pub fn kubeconfig(ca_pem: &str, servers: &[String], user: &str, credential: &Credential) -> String {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    let mut clusters = String::new();
+    let mut contexts = String::new();
+    for (i, server) in servers.iter().enumerate() {
+        let name = if i == 0 {
+            "brink".to_owned()
+        } else {
+            format!("brink-{i}")
+        };
+        clusters.push_str(&format!(
+            "- name: {name}\n  cluster:\n    server: https://{server}\n    certificate-authority-data: {}\n",
+            b64(ca_pem)
+        ));
+        contexts.push_str(&format!(
+            "- name: {name}\n  context:\n    cluster: {name}\n    user: {user}\n"
+        ));
+    }
+    format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: brink\nclusters:\n{clusters}contexts:\n{contexts}users:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\npreferences: {{}}\n",
+        b64(&credential.cert_pem),
+        b64(&credential.key_pem),
+    )
+}
+
+/// Writes `text` as `name` under `data_dir`'s credentials folder, readable by the owner
+/// only.
+pub fn write_secret_file(data_dir: &Path, name: &str, text: &str) -> Result<PathBuf, PkiError> {
+    let dir = pki_dir(data_dir);
+    std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    write_file(&dir, name, text, true)?;
+    Ok(dir.join(name))
 }
 
 /// Whether `cert` (a peer's end-entity certificate, already verified under the CA by

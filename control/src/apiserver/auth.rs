@@ -1,0 +1,415 @@
+//! Who is asking, and may they: authentication (client certificates under the site CA,
+//! bearer tokens from a static token file) and authorization (RBAC evaluated as
+//! Kubernetes evaluates it, over the Roles, ClusterRoles and bindings in the watch cache,
+//! with `system:masters` allowed everything as in Kubernetes).
+//!
+//! Owns identities and decisions; it reads RBAC objects from the cache and never writes.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::cache::Cache;
+
+/// An authenticated user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: String,
+    pub groups: Vec<String>,
+}
+
+/// The group Kubernetes gives every authenticated user.
+pub const AUTHENTICATED: &str = "system:authenticated";
+/// The group whose members may do anything, bypassing RBAC.
+pub const MASTERS: &str = "system:masters";
+
+impl User {
+    fn with_authenticated(mut self) -> Self {
+        if !self.groups.iter().any(|g| g == AUTHENTICATED) {
+            self.groups.push(AUTHENTICATED.to_owned());
+        }
+        self
+    }
+
+    /// The user a verified client certificate names: CN is the user, each O a group.
+    pub fn from_certificate(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let subject = cert.subject();
+        let name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
+        let groups = subject
+            .iter_organization()
+            .filter_map(|o| o.as_str().ok().map(str::to_owned))
+            .collect();
+        Some(
+            Self {
+                name,
+                uid: String::new(),
+                groups,
+            }
+            .with_authenticated(),
+        )
+    }
+}
+
+/// Why a token file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("token file {path}: {message}")]
+pub struct TokenFileError {
+    pub path: String,
+    pub message: String,
+}
+
+/// Static bearer tokens, in kube-apiserver's `--token-auth-file` format: one
+/// `token,user,uid[,"group1,group2"]` per line.
+#[derive(Debug, Default, Clone)]
+pub struct Tokens(HashMap<String, User>);
+
+impl Tokens {
+    pub fn read(path: &Path) -> Result<Self, TokenFileError> {
+        let err = |message: String| TokenFileError {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        Self::parse(&text).map_err(err)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut tokens = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (head, groups) = match line.split_once(",\"") {
+                Some((head, rest)) => (
+                    head,
+                    rest.strip_suffix('"')
+                        .ok_or_else(|| format!("line {}: unterminated group list", i + 1))?
+                        .split(',')
+                        .map(|g| g.trim().to_owned())
+                        .filter(|g| !g.is_empty())
+                        .collect(),
+                ),
+                None => (line, Vec::new()),
+            };
+            let fields: Vec<&str> = head.split(',').map(str::trim).collect();
+            let (token, name, uid, groups) = match fields.as_slice() {
+                [token, name, uid] => (*token, *name, *uid, groups),
+                [token, name, uid, group] if groups.is_empty() => {
+                    (*token, *name, *uid, vec![(*group).to_owned()])
+                }
+                _ => {
+                    return Err(format!(
+                        "line {}: expected token,user,uid[,\"groups\"]",
+                        i + 1
+                    ));
+                }
+            };
+            if token.len() < 8 || name.is_empty() {
+                return Err(format!(
+                    "line {}: a token has at least 8 characters and a user",
+                    i + 1
+                ));
+            }
+            tokens.insert(
+                token.to_owned(),
+                User {
+                    name: name.to_owned(),
+                    uid: uid.to_owned(),
+                    groups,
+                }
+                .with_authenticated(),
+            );
+        }
+        Ok(Self(tokens))
+    }
+
+    pub fn find(&self, token: &str) -> Option<&User> {
+        self.0.get(token)
+    }
+}
+
+/// What a request asks to do, as RBAC sees it.
+#[derive(Debug, Clone)]
+pub struct Attributes<'a> {
+    pub verb: &'a str,
+    /// Resource requests: group, resource, subresource, name, namespace.
+    pub resource: Option<ResourceAttributes<'a>>,
+    /// Non-resource requests: the path.
+    pub path: &'a str,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResourceAttributes<'a> {
+    pub group: &'a str,
+    pub resource: &'a str,
+    pub subresource: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+}
+
+fn strings(value: Option<&Value>) -> Vec<&str> {
+    value
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn rule_allows(rule: &Value, attrs: &Attributes<'_>) -> bool {
+    let verbs = strings(rule.get("verbs"));
+    if !verbs.iter().any(|v| *v == "*" || *v == attrs.verb) {
+        return false;
+    }
+    match &attrs.resource {
+        Some(r) => {
+            let groups = strings(rule.get("apiGroups"));
+            if !groups.iter().any(|g| *g == "*" || *g == r.group) {
+                return false;
+            }
+            let wanted = match r.subresource {
+                Some(sub) => format!("{}/{sub}", r.resource),
+                None => r.resource.to_owned(),
+            };
+            let resources = strings(rule.get("resources"));
+            let resource_ok = resources.iter().any(|x| {
+                *x == "*"
+                    || *x == wanted
+                    || r.subresource
+                        .is_some_and(|sub| x.strip_prefix("*/") == Some(sub))
+            });
+            if !resource_ok {
+                return false;
+            }
+            let names = strings(rule.get("resourceNames"));
+            names.is_empty() || r.name.is_some_and(|n| names.contains(&n))
+        }
+        None => strings(rule.get("nonResourceURLs")).iter().any(|u| {
+            *u == "*"
+                || *u == attrs.path
+                || u.strip_suffix('*')
+                    .is_some_and(|prefix| attrs.path.starts_with(prefix))
+        }),
+    }
+}
+
+fn subject_matches(subject: &Value, user: &User) -> bool {
+    let name = subject.get("name").and_then(Value::as_str).unwrap_or("");
+    match subject.get("kind").and_then(Value::as_str) {
+        Some("User") => name == user.name,
+        Some("Group") => user.groups.iter().any(|g| g == name),
+        Some("ServiceAccount") => {
+            let namespace = subject
+                .get("namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            user.name == format!("system:serviceaccount:{namespace}:{name}")
+        }
+        _ => false,
+    }
+}
+
+const RBAC: &str = "/registry/rbac.authorization.k8s.io/";
+
+fn role_rules(cache: &Cache, role_ref: &Value, namespace: Option<&str>) -> Vec<Value> {
+    let name = role_ref.get("name").and_then(Value::as_str).unwrap_or("");
+    let key = match (role_ref.get("kind").and_then(Value::as_str), namespace) {
+        (Some("ClusterRole"), _) => format!("{RBAC}clusterroles/{name}"),
+        (Some("Role"), Some(ns)) => format!("{RBAC}roles/{ns}/{name}"),
+        _ => return Vec::new(),
+    };
+    cache
+        .get(&key)
+        .and_then(|role| role.get("rules").and_then(Value::as_array).cloned())
+        .unwrap_or_default()
+}
+
+/// Allows or refuses; the refusal says why in Kubernetes' words.
+pub fn authorize(cache: &Cache, user: &User, attrs: &Attributes<'_>) -> Result<(), String> {
+    if user.groups.iter().any(|g| g == MASTERS) {
+        return Ok(());
+    }
+    let bound = |binding: &Value| {
+        binding
+            .get("subjects")
+            .and_then(Value::as_array)
+            .is_some_and(|s| s.iter().any(|s| subject_matches(s, user)))
+    };
+    let (cluster_bindings, _) = cache.list(&format!("{RBAC}clusterrolebindings/"));
+    for binding in cluster_bindings.iter().filter(|b| bound(b)) {
+        if let Some(role_ref) = binding.get("roleRef")
+            && role_rules(cache, role_ref, None)
+                .iter()
+                .any(|rule| rule_allows(rule, attrs))
+        {
+            return Ok(());
+        }
+    }
+    if let Some(ns) = attrs.resource.as_ref().and_then(|r| r.namespace) {
+        let (bindings, _) = cache.list(&format!("{RBAC}rolebindings/{ns}/"));
+        for binding in bindings.iter().filter(|b| bound(b)) {
+            if let Some(role_ref) = binding.get("roleRef")
+                && role_rules(cache, role_ref, Some(ns))
+                    .iter()
+                    .any(|rule| rule_allows(rule, attrs))
+            {
+                return Ok(());
+            }
+        }
+    }
+    Err(match &attrs.resource {
+        Some(r) => {
+            let resource = match r.subresource {
+                Some(sub) => format!("{}/{sub}", r.resource),
+                None => r.resource.to_owned(),
+            };
+            let head = match r.name {
+                Some(name) => format!("{resource} {name:?} is forbidden"),
+                None => format!("{resource} is forbidden"),
+            };
+            let scope = match r.namespace {
+                Some(ns) => format!(" in the namespace {ns:?}"),
+                None => " at the cluster scope".to_owned(),
+            };
+            format!(
+                "{head}: User {:?} cannot {} resource {resource:?} in API group {:?}{scope}",
+                user.name, attrs.verb, r.group
+            )
+        }
+        None => format!(
+            "forbidden: User {:?} cannot {} path {:?}",
+            user.name, attrs.verb, attrs.path
+        ),
+    })
+}
+
+/// The default ClusterRoles and bindings every site starts with, as Kubernetes
+/// bootstraps them (fewer rules: the resources Brink serves).
+pub fn default_rbac() -> Vec<Value> {
+    use serde_json::json;
+    let role = |name: &str, rules: Value| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+            "rules": rules,
+        })
+    };
+    let binding = |name: &str, role: &str, group: &str| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
+        })
+    };
+    let read = json!(["get", "list", "watch"]);
+    let write = json!(["create", "update", "patch", "delete", "deletecollection"]);
+    let namespaced_read = json!([
+        {"apiGroups": [""], "resources": ["pods", "pods/log", "pods/status", "services", "services/status", "endpoints", "configmaps", "events", "serviceaccounts", "namespaces", "namespaces/status"], "verbs": read},
+        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/status", "deployments/scale", "replicasets", "replicasets/status", "replicasets/scale", "daemonsets", "daemonsets/status"], "verbs": read},
+        {"apiGroups": ["batch"], "resources": ["jobs", "jobs/status"], "verbs": read},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": read},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": read},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways", "gateways/status", "httproutes", "httproutes/status", "referencegrants"], "verbs": read},
+    ]);
+    let edit_rules = json!([
+        {"apiGroups": [""], "resources": ["pods", "services", "endpoints", "configmaps", "secrets", "events", "serviceaccounts"], "verbs": write},
+        {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "replicasets", "replicasets/scale", "daemonsets"], "verbs": write},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": write},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": write},
+        {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways", "httproutes", "referencegrants"], "verbs": write},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": read},
+    ]);
+    let mut edit = namespaced_read.as_array().cloned().unwrap_or_default();
+    edit.extend(edit_rules.as_array().cloned().unwrap_or_default());
+    let mut admin = edit.clone();
+    admin.push(json!({"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]}));
+    vec![
+        role(
+            "cluster-admin",
+            json!([
+                {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+                {"nonResourceURLs": ["*"], "verbs": ["*"]},
+            ]),
+        ),
+        role("admin", Value::Array(admin)),
+        role("edit", Value::Array(edit)),
+        role("view", namespaced_read),
+        role(
+            "system:discovery",
+            json!([{"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/", "/healthz", "/livez", "/readyz"], "verbs": ["get"]}]),
+        ),
+        binding("cluster-admin", "cluster-admin", MASTERS),
+        binding("system:discovery", "system:discovery", AUTHENTICATED),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn attrs<'a>(verb: &'a str, resource: &'a str, namespace: Option<&'a str>) -> Attributes<'a> {
+        Attributes {
+            verb,
+            resource: Some(ResourceAttributes {
+                group: "",
+                resource,
+                subresource: None,
+                name: None,
+                namespace,
+            }),
+            path: "",
+        }
+    }
+
+    #[test]
+    fn rules_match_verbs_groups_resources_names_and_paths() {
+        let rule =
+            json!({"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]});
+        assert!(rule_allows(&rule, &attrs("list", "pods", Some("a"))));
+        assert!(!rule_allows(&rule, &attrs("delete", "pods", Some("a"))));
+        assert!(!rule_allows(&rule, &attrs("list", "secrets", Some("a"))));
+        let mut log = attrs("get", "pods", Some("a"));
+        if let Some(r) = log.resource.as_mut() {
+            r.subresource = Some("log");
+        }
+        assert!(rule_allows(&rule, &log));
+        let named = json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["x"], "verbs": ["get"]});
+        let mut get_x = attrs("get", "configmaps", Some("a"));
+        assert!(!rule_allows(&named, &get_x));
+        if let Some(r) = get_x.resource.as_mut() {
+            r.name = Some("x");
+        }
+        assert!(rule_allows(&named, &get_x));
+        let paths = json!({"nonResourceURLs": ["/apis/*", "/version"], "verbs": ["get"]});
+        let path = |p| Attributes {
+            verb: "get",
+            resource: None,
+            path: p,
+        };
+        assert!(rule_allows(&paths, &path("/apis/apps/v1")));
+        assert!(rule_allows(&paths, &path("/version")));
+        assert!(!rule_allows(&paths, &path("/metrics")));
+    }
+
+    #[test]
+    fn token_files_read_as_kube_apiserver_reads_them() {
+        let tokens = Tokens::parse(
+            "# comment\nsecret-token-1,alice,u1,\"dev,ops\"\nsecret-token-2,bob,u2\n",
+        )
+        .expect("parse");
+        let alice = tokens.find("secret-token-1").expect("alice");
+        assert_eq!(alice.name, "alice");
+        assert_eq!(alice.groups, ["dev", "ops", AUTHENTICATED]);
+        assert!(tokens.find("nope").is_none());
+        for bad in ["short,x,y", "tok-long-enough", "tok-long-enough,u,1,\"a"] {
+            assert!(Tokens::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

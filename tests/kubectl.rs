@@ -1,0 +1,808 @@
+//! The Kubernetes API of `brink server` driven by real, unchanged `kubectl` builds (two
+//! minor versions where the machine has them side by side, else the one installed): the
+//! session an operator would type, with the answers checked as they read them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+struct Site {
+    dir: PathBuf,
+    store: std::net::SocketAddr,
+    api: String,
+    child: Child,
+    _tmp: tempfile::TempDir,
+}
+
+impl Site {
+    fn init(extra: &[&str]) -> Site {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("member");
+        let store: std::net::SocketAddr =
+            format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let api = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(brink_bin())
+            .arg("server")
+            .arg("--init")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--listen", &store.to_string(), "--raft-tick", "20ms"])
+            .args(["--peer-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--api-listen", &api])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("brink server");
+        let site = Site {
+            dir,
+            store,
+            api,
+            child,
+            _tmp: tmp,
+        };
+        wait_for("the member to be ready", || {
+            http_json(site.store, "GET", "/readyz", None)
+                .ok()
+                .filter(|(status, _)| *status == 200)
+        });
+        // The API is ready once its bootstrap objects are in the cache.
+        let bin = kubectl_builds().remove(0);
+        let config = site.kubeconfig();
+        wait_for("the API to be ready", || {
+            Command::new(&bin)
+                .args(["get", "--raw", "/readyz"])
+                .env("KUBECONFIG", &config)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        });
+        site
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("pki/admin.kubeconfig")
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The kubectl builds to drive: `kubectl.1.32` and `kubectl.1.30` beside the dispatcher
+/// when present (the dispatcher would pick one by the server's version), else `kubectl`.
+fn kubectl_builds() -> Vec<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("kubectl"))
+                .find(|k| k.exists())
+        })
+        .unwrap_or_default()
+        .expect("kubectl is not installed: scripts/test installs Debian's kubernetes-client");
+    let real = std::fs::canonicalize(&on_path).unwrap_or(on_path.clone());
+    let dir = real.parent().map(Path::to_path_buf).unwrap_or_default();
+    let builds: Vec<PathBuf> = ["kubectl.1.32", "kubectl.1.30"]
+        .iter()
+        .map(|b| dir.join(b))
+        .filter(|b| b.exists())
+        .collect();
+    if builds.is_empty() {
+        vec![real]
+    } else {
+        builds
+    }
+}
+
+struct Kubectl<'a> {
+    bin: &'a Path,
+    config: PathBuf,
+}
+
+impl Kubectl<'_> {
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with_stdin(args, None)
+    }
+
+    fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut command = Command::new(self.bin);
+        command
+            .args(args)
+            .env("KUBECONFIG", &self.config)
+            .env("HOME", self.config.parent().unwrap_or(Path::new("/tmp")))
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("kubectl");
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            use std::io::Write as _;
+            pipe.write_all(text.as_bytes()).expect("stdin");
+        }
+        child.wait_with_output().expect("kubectl output")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{} {args:?} failed:\n{}\n{}",
+            self.bin.display(),
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+
+    /// Runs and expects failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "{args:?} succeeded:\n{}",
+            stdout(&out)
+        );
+        stderr(&out)
+    }
+}
+
+fn row<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map(|l| l.split_whitespace().collect())
+        .unwrap_or_default()
+}
+
+fn header(table: &str) -> Vec<&str> {
+    table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect()
+}
+
+const POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  containers:
+  - name: web
+    image: registry.example/hello:1
+  - name: side
+    image: registry.example/echo:1
+";
+
+fn session(k: &Kubectl<'_>, ns: &str) {
+    // Discovery and the system namespaces.
+    let versions = k.ok(&["api-versions"]);
+    for gv in [
+        "v1",
+        "apps/v1",
+        "gateway.networking.k8s.io/v1",
+        "rbac.authorization.k8s.io/v1",
+    ] {
+        assert!(
+            versions.lines().any(|l| l == gv),
+            "{gv} missing:\n{versions}"
+        );
+    }
+    let resources = k.ok(&["api-resources"]);
+    for r in [
+        "pods",
+        "deployments",
+        "httproutes",
+        "leases",
+        "certificatesigningrequests",
+    ] {
+        assert!(!row(&resources, r).is_empty(), "{r} missing:\n{resources}");
+    }
+    let namespaces = k.ok(&["get", "namespaces"]);
+    assert_eq!(header(&namespaces), ["NAME", "STATUS", "AGE"]);
+    for system in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert_eq!(
+            row(&namespaces, system).get(1),
+            Some(&"Active"),
+            "{namespaces}"
+        );
+    }
+
+    // Create, read back, list with kubectl's own columns.
+    assert!(
+        k.ok(&["create", "namespace", ns])
+            .contains(&format!("namespace/{ns} created"))
+    );
+    k.ok(&["-n", ns, "create", "configmap", "cfg", "--from-literal=a=1"]);
+    let yaml = k.ok(&["-n", ns, "get", "configmap", "cfg", "-o", "yaml"]);
+    assert!(yaml.contains("a: \"1\""), "{yaml}");
+    assert!(yaml.contains("resourceVersion: \""), "{yaml}");
+    assert!(yaml.contains("uid: "), "{yaml}");
+    let cms = k.ok(&["-n", ns, "get", "cm"]);
+    assert_eq!(header(&cms), ["NAME", "DATA", "AGE"]);
+    assert_eq!(row(&cms, "cfg").get(1), Some(&"1"), "{cms}");
+    let again = k.fails(&["-n", ns, "create", "configmap", "cfg"]);
+    assert!(
+        again.contains("configmaps \"cfg\" already exists"),
+        "{again}"
+    );
+
+    // A pod from a file: stored Pending (no node has joined), shown with pod columns.
+    let pod_file = k.config.with_file_name(format!("{ns}-pod.yaml"));
+    std::fs::write(&pod_file, POD).expect("write pod");
+    // Client-side apply, validated by the server (kubectl learns that from /openapi/v3).
+    let applied = k.ok(&["-n", ns, "apply", "-f", pod_file.to_str().unwrap()]);
+    assert!(applied.contains("pod/web created"), "{applied}");
+    let pods = k.ok(&["-n", ns, "get", "pods", "-o", "wide"]);
+    assert_eq!(
+        &header(&pods)[..5],
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    );
+    assert!(header(&pods).contains(&"NODE"), "{pods}");
+    assert_eq!(&row(&pods, "web")[1..3], ["0/2", "Pending"], "{pods}");
+    let policy = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "pod",
+        "web",
+        "-o",
+        "jsonpath={.spec.restartPolicy}",
+    ]);
+    assert_eq!(policy, "Always", "defaults are filled in");
+    // An edited file applied again: one container's image changes; the other container,
+    // a label set by hand since and the server's defaults stay.
+    k.ok(&["-n", ns, "label", "pod", "web", "handmade=yes"]);
+    std::fs::write(&pod_file, POD.replace("hello:1", "hello:2")).expect("write pod");
+    let reapplied = k.ok(&["-n", ns, "apply", "-f", pod_file.to_str().unwrap()]);
+    assert!(reapplied.contains("pod/web configured"), "{reapplied}");
+    let after = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "pod",
+        "web",
+        "-o",
+        "jsonpath={.spec.containers[*].image} {.metadata.labels.handmade} {.spec.restartPolicy}",
+    ]);
+    assert_eq!(
+        after,
+        "registry.example/hello:2 registry.example/echo:1 yes Always"
+    );
+    let unchanged = k.ok(&["-n", ns, "apply", "-f", pod_file.to_str().unwrap()]);
+    assert!(unchanged.contains("pod/web unchanged"), "{unchanged}");
+    let strict = k.run_with_stdin(
+        &["-n", ns, "apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: typo\ndatta:\n  a: b\n"),
+    );
+    assert!(!strict.status.success());
+    assert!(
+        stderr(&strict).contains("unknown field \"datta\""),
+        "{}",
+        stderr(&strict)
+    );
+    let explain = k.ok(&["explain", "pods.spec.containers.image"]);
+    assert!(explain.contains("Container image name"), "{explain}");
+    let logs = k.fails(&["-n", ns, "logs", "web", "-c", "web"]);
+    assert!(logs.contains("no node serves pod"), "{logs}");
+
+    // Labels, annotations and all three patch types.
+    k.ok(&["-n", ns, "label", "configmap", "cfg", "tier=front"]);
+    k.ok(&["-n", ns, "annotate", "configmap", "cfg", "note=hi"]);
+    assert_eq!(
+        k.ok(&["-n", ns, "get", "cm", "-l", "tier=front", "-o", "name"])
+            .trim(),
+        "configmap/cfg"
+    );
+    assert_eq!(
+        k.ok(&["-n", ns, "get", "cm", "-l", "tier!=front", "-o", "name"])
+            .trim(),
+        ""
+    );
+    k.ok(&[
+        "-n",
+        ns,
+        "patch",
+        "configmap",
+        "cfg",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"b":"2"}}"#,
+    ]);
+    k.ok(&[
+        "-n",
+        ns,
+        "patch",
+        "configmap",
+        "cfg",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"add","path":"/data/c","value":"3"}]"#,
+    ]);
+    k.ok(&[
+        "-n",
+        ns,
+        "patch",
+        "configmap",
+        "cfg",
+        "-p",
+        r#"{"data":{"d":"4"}}"#,
+    ]);
+    let data = k.ok(&["-n", ns, "get", "cm", "cfg", "-o", "jsonpath={.data.a}{.data.b}{.data.c}{.data.d}{.metadata.labels.tier}{.metadata.annotations.note}"]);
+    assert_eq!(data, "1234fronthi");
+    // Strategic merge on a list keyed by name: one container's image changes, the
+    // other container stays.
+    k.ok(&[
+        "-n",
+        ns,
+        "patch",
+        "pod",
+        "web",
+        "-p",
+        r#"{"spec":{"containers":[{"name":"web","image":"registry.example/hello:2"}]}}"#,
+    ]);
+    let images = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "pod",
+        "web",
+        "-o",
+        "jsonpath={.spec.containers[*].image}",
+    ]);
+    assert_eq!(images, "registry.example/hello:2 registry.example/echo:1");
+    let bad_patch = k.fails(&[
+        "-n",
+        ns,
+        "patch",
+        "configmap",
+        "cfg",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/data/nope"}]"#,
+    ]);
+    assert!(
+        bad_patch.contains("Invalid") || bad_patch.contains("invalid"),
+        "{bad_patch}"
+    );
+    let bad_label = k.fails(&["-n", ns, "label", "configmap", "cfg", "../x=y"]);
+    assert!(!bad_label.is_empty());
+
+    // Selectors the server evaluates.
+    let by_field = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "pods",
+        "--field-selector",
+        "status.phase=Pending",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(by_field.trim(), "pod/web");
+    let unsupported = k.fails(&["-n", ns, "get", "pods", "--field-selector", "spec.image=x"]);
+    assert!(
+        unsupported.contains("field label not supported"),
+        "{unsupported}"
+    );
+    let everywhere = k.ok(&["get", "pods", "-A"]);
+    assert_eq!(header(&everywhere)[0], "NAMESPACE");
+
+    // A watch sees a change made after it started.
+    let mut watch = Command::new(k.bin)
+        .args(["-n", ns, "get", "configmaps", "-w", "-o", "name"])
+        .env("KUBECONFIG", &k.config)
+        .env("HOME", k.config.parent().unwrap_or(Path::new("/tmp")))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl -w");
+    let lines = {
+        use std::io::BufRead as _;
+        let out = watch.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    assert_eq!(
+        lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("initial"),
+        "configmap/cfg"
+    );
+    k.ok(&[
+        "-n",
+        ns,
+        "create",
+        "configmap",
+        "later",
+        "--from-literal=x=y",
+    ]);
+    let seen = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("watch event");
+        if line != "configmap/cfg" {
+            break line;
+        }
+    };
+    assert_eq!(seen, "configmap/later");
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    // Workload objects are stored and shown with their columns (their controllers come
+    // with the next release).
+    k.ok(&[
+        "-n",
+        ns,
+        "create",
+        "deployment",
+        "hello",
+        "--image=registry.example/hello:1",
+        "--replicas=3",
+    ]);
+    let deployments = k.ok(&["-n", ns, "get", "deployments", "-o", "wide"]);
+    assert_eq!(
+        &header(&deployments)[..5],
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
+    );
+    assert_eq!(
+        row(&deployments, "hello").get(1),
+        Some(&"0/3"),
+        "{deployments}"
+    );
+    let generation = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "deploy",
+        "hello",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
+    k.ok(&[
+        "-n",
+        ns,
+        "patch",
+        "deploy",
+        "hello",
+        "-p",
+        r#"{"spec":{"replicas":4}}"#,
+    ]);
+    let bumped = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "deploy",
+        "hello",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
+    assert_eq!(
+        generation.parse::<u64>().unwrap_or(0) + 1,
+        bumped.parse::<u64>().unwrap_or(0)
+    );
+    k.ok(&[
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "generic",
+        "token",
+        "--from-literal=t=s3cr3t",
+    ]);
+    let secrets = k.ok(&["-n", ns, "get", "secrets"]);
+    assert_eq!(row(&secrets, "token").get(1), Some(&"Opaque"), "{secrets}");
+
+    // Deletion, and the namespace going with its contents.
+    assert!(
+        k.ok(&["-n", ns, "delete", "configmap", "cfg"])
+            .contains("deleted")
+    );
+    let gone = k.fails(&["-n", ns, "get", "configmap", "cfg"]);
+    assert!(
+        gone.contains("NotFound") && gone.contains("configmaps \"cfg\" not found"),
+        "{gone}"
+    );
+    k.ok(&[
+        "-n",
+        ns,
+        "delete",
+        "pod",
+        "web",
+        "--grace-period=0",
+        "--force",
+    ]);
+    k.ok(&["delete", "namespace", ns, "--timeout=60s"]);
+    let no_ns = k.fails(&["get", "namespace", ns]);
+    assert!(no_ns.contains("NotFound"), "{no_ns}");
+    let in_gone_ns = k.fails(&["-n", ns, "create", "configmap", "x"]);
+    assert!(
+        in_gone_ns.contains(&format!("namespaces \"{ns}\" not found")),
+        "{in_gone_ns}"
+    );
+}
+
+#[test]
+fn kubectl_sessions_against_a_site() {
+    let site = Site::init(&[]);
+    let config = site.kubeconfig();
+    assert!(config.exists(), "--init writes the admin kubeconfig");
+    let text = std::fs::read_to_string(&config).expect("kubeconfig");
+    assert!(
+        text.contains(&format!("server: https://{}", site.api)),
+        "{text}"
+    );
+    for (i, bin) in kubectl_builds().iter().enumerate() {
+        let k = Kubectl {
+            bin,
+            config: config.clone(),
+        };
+        session(&k, &format!("shop{i}"));
+    }
+}
+
+#[test]
+fn the_api_refuses_strangers_and_enforces_rbac() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tokens = tmp.path().join("tokens.csv");
+    std::fs::write(
+        &tokens,
+        "viewer-token-123,vera,u1,\"viewers\"\nnobody-token-456,nobody,u2\n",
+    )
+    .expect("tokens");
+    let site = Site::init(&["--token-auth-file", tokens.to_str().unwrap()]);
+    let bin = &kubectl_builds()[0];
+    let admin = Kubectl {
+        bin,
+        config: site.kubeconfig(),
+    };
+    // A kubeconfig without a client certificate: the token decides who is asking.
+    let ca = site.dir.join("pki/ca.crt");
+    let stranger_config = tmp.path().join("stranger.kubeconfig");
+    std::fs::write(
+        &stranger_config,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: s\nclusters:\n- name: s\n  cluster:\n    server: https://{}\n    certificate-authority: {}\ncontexts:\n- name: s\n  context:\n    cluster: s\n    user: s\nusers:\n- name: s\n  user: {{}}\n",
+            site.api,
+            ca.display()
+        ),
+    )
+    .expect("config");
+    let stranger = Kubectl {
+        bin,
+        config: stranger_config,
+    };
+    // No credentials at all (kubectl would prompt for a password; curl asks plainly).
+    let anonymous = Command::new("curl")
+        .args([
+            "-s",
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("https://{}/api/v1/pods", site.api),
+        ])
+        .output()
+        .expect("curl");
+    let status: serde_json::Value = serde_json::from_slice(&anonymous.stdout).expect("a Status");
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["code"], 401);
+    assert_eq!(status["reason"], "Unauthorized");
+    let health = Command::new("curl")
+        .args([
+            "-s",
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("https://{}/healthz", site.api),
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&health.stdout),
+        "ok",
+        "health needs no credentials"
+    );
+    let forbidden = stranger.fails(&[
+        "--token",
+        "nobody-token-456",
+        "get",
+        "configmaps",
+        "-n",
+        "default",
+    ]);
+    assert!(
+        forbidden.contains("User \"nobody\" cannot list resource \"configmaps\" in API group \"\" in the namespace \"default\""),
+        "{forbidden}"
+    );
+    let wrong_token = stranger.fails(&["--token", "not-a-token-at-all", "get", "pods"]);
+    assert!(
+        wrong_token.contains("Unauthorized") || wrong_token.contains("provide credentials"),
+        "{wrong_token}"
+    );
+    // The admin binds the viewers group to `view` in one namespace.
+    admin.ok(&["create", "namespace", "shop"]);
+    admin.ok(&[
+        "-n",
+        "shop",
+        "create",
+        "configmap",
+        "menu",
+        "--from-literal=a=1",
+    ]);
+    admin.ok(&[
+        "-n",
+        "shop",
+        "create",
+        "rolebinding",
+        "viewers",
+        "--clusterrole=view",
+        "--group=viewers",
+    ]);
+    wait_for("the binding to reach the cache", || {
+        stranger
+            .run(&[
+                "--token",
+                "viewer-token-123",
+                "-n",
+                "shop",
+                "get",
+                "configmaps",
+                "-o",
+                "name",
+            ])
+            .status
+            .success()
+            .then_some(())
+    });
+    let listed = stranger.ok(&[
+        "--token",
+        "viewer-token-123",
+        "-n",
+        "shop",
+        "get",
+        "configmaps",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(listed.trim(), "configmap/menu");
+    let write = stranger.fails(&[
+        "--token",
+        "viewer-token-123",
+        "-n",
+        "shop",
+        "delete",
+        "configmap",
+        "menu",
+    ]);
+    assert!(
+        write.contains("cannot delete resource \"configmaps\""),
+        "{write}"
+    );
+    let elsewhere = stranger.fails(&[
+        "--token",
+        "viewer-token-123",
+        "-n",
+        "default",
+        "get",
+        "configmaps",
+    ]);
+    assert!(elsewhere.contains("forbidden"), "{elsewhere}");
+    assert_eq!(
+        admin
+            .ok(&["-n", "shop", "get", "cm", "menu", "-o", "name"])
+            .trim(),
+        "configmap/menu"
+    );
+}
+
+#[test]
+fn bad_api_input_gets_a_status_and_changes_nothing() {
+    let site = Site::init(&[]);
+    let bin = &kubectl_builds()[0];
+    let k = Kubectl {
+        bin,
+        config: site.kubeconfig(),
+    };
+    let before = k.ok(&["get", "configmaps", "-A", "-o", "name"]);
+    for (body, needle) in [
+        (
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: Bad_Name\n",
+            "Invalid",
+        ),
+        (
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  labels:\n    ../a: b\n",
+            "metadata.labels",
+        ),
+        (
+            "apiVersion: v7\nkind: ConfigMap\nmetadata:\n  name: c\n",
+            "",
+        ),
+        (
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata: [1, 2]\n",
+            "",
+        ),
+        (
+            &format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\n  annotations:\n    a: \"{}\"\n",
+                "x".repeat(300 * 1024)
+            ),
+            "Too long",
+        ),
+    ] {
+        let out = k.run_with_stdin(&["create", "-f", "-", "--validate=false"], Some(body));
+        assert!(!out.status.success(), "{body}");
+        assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+    }
+    let deep = format!("{}\n", "[".repeat(100_000));
+    let out = k.run_with_stdin(
+        &[
+            "create",
+            "--raw",
+            "/api/v1/namespaces/default/configmaps",
+            "-f",
+            "-",
+        ],
+        Some(&deep),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("nested more than") || stderr(&out).contains("BadRequest"),
+        "{}",
+        stderr(&out)
+    );
+    // A stale resourceVersion is a conflict.
+    k.ok(&["create", "configmap", "c", "--from-literal=a=1"]);
+    let stale = "{\"apiVersion\":\"v1\",\"kind\":\"ConfigMap\",\"metadata\":{\"name\":\"c\",\"namespace\":\"default\",\"resourceVersion\":\"1\"},\"data\":{\"a\":\"2\"}}";
+    let out = k.run_with_stdin(&["replace", "-f", "-", "--validate=false"], Some(stale));
+    assert!(
+        stderr(&out).contains("the object has been modified"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(k.ok(&["get", "cm", "c", "-o", "jsonpath={.data.a}"]), "1");
+    let after = k.ok(&["get", "configmaps", "-A", "-o", "name"]);
+    assert_eq!(after.lines().count(), before.lines().count() + 1);
+    // Paths and queries that name nothing.
+    for path in [
+        "/api/v1/widgets",
+        "/apis/apps/v9/deployments",
+        "/api/v1/namespaces/default/pods/x/exec",
+    ] {
+        let err = k.fails(&["get", "--raw", path]);
+        assert!(
+            err.contains("NotFound") || err.contains("could not find"),
+            "{path}: {err}"
+        );
+    }
+    let err = k.fails(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/configmaps?labelSelector=%FF",
+    ]);
+    assert!(
+        err.contains("BadRequest") || err.contains("invalid"),
+        "{err}"
+    );
+}
