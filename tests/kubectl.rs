@@ -517,6 +517,60 @@ fn session(k: &Kubectl<'_>, ns: &str) {
     let secrets = k.ok(&["-n", ns, "get", "secrets"]);
     assert_eq!(row(&secrets, "token").get(1), Some(&"Opaque"), "{secrets}");
 
+    // Owned objects: background, orphan and foreground propagation.
+    for (cascade, child_stays) in [
+        ("background", false),
+        ("orphan", true),
+        ("foreground", false),
+    ] {
+        let owner = format!("owner-{cascade}");
+        let child = format!("child-{cascade}");
+        k.ok(&["-n", ns, "create", "configmap", &owner]);
+        let uid = k.ok(&[
+            "-n",
+            ns,
+            "get",
+            "cm",
+            &owner,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ]);
+        let manifest = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {child}\n  ownerReferences:\n  - apiVersion: v1\n    kind: ConfigMap\n    name: {owner}\n    uid: {uid}\n    blockOwnerDeletion: true\n"
+        );
+        let out = k.run_with_stdin(&["-n", ns, "create", "-f", "-"], Some(&manifest));
+        assert!(out.status.success(), "{}", stderr(&out));
+        k.ok(&[
+            "-n",
+            ns,
+            "delete",
+            "configmap",
+            &owner,
+            &format!("--cascade={cascade}"),
+            "--timeout=30s",
+        ]);
+        assert!(
+            k.fails(&["-n", ns, "get", "cm", &owner])
+                .contains("not found")
+        );
+        if child_stays {
+            let refs = k.ok(&[
+                "-n",
+                ns,
+                "get",
+                "cm",
+                &child,
+                "-o",
+                "jsonpath={.metadata.ownerReferences}",
+            ]);
+            assert_eq!(refs, "", "an orphan keeps no reference to its owner");
+        } else {
+            wait_for(&format!("{child} to be collected"), || {
+                (!k.run(&["-n", ns, "get", "cm", &child]).status.success()).then_some(())
+            });
+        }
+    }
+
     // Deletion, and the namespace going with its contents.
     assert!(
         k.ok(&["-n", ns, "delete", "configmap", "cfg"])

@@ -166,6 +166,19 @@ impl Cache {
         (items, state.revision)
     }
 
+    /// Every object under `prefix` with its key.
+    pub fn list_keyed(&self, prefix: &str) -> Vec<(String, Arc<Value>)> {
+        let Ok(state) = self.state.read() else {
+            return Vec::new();
+        };
+        state
+            .objects
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// One object, as the cache has it.
     pub fn get(&self, key: &str) -> Option<Arc<Value>> {
         self.state.read().ok()?.objects.get(key).cloned()

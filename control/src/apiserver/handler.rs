@@ -837,24 +837,39 @@ async fn list(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiErr
     if let Some(token) = continue_token {
         metadata["continue"] = json!(token);
     }
-    let (list_kind, api_version, items): (String, String, Vec<Value>) = if call.wants_partial() {
-        (
-            "PartialObjectMetadataList".into(),
-            "meta.k8s.io/v1".into(),
-            items.iter().map(|o| table::partial_metadata(o)).collect(),
-        )
+    /// A list serialized straight from the cache's objects (no copy of them).
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ListOut<T: serde::Serialize> {
+        kind: String,
+        api_version: String,
+        metadata: Value,
+        items: Vec<T>,
+    }
+    let body = if call.wants_partial() {
+        serde_json::to_vec(&ListOut {
+            kind: "PartialObjectMetadataList".into(),
+            api_version: "meta.k8s.io/v1".into(),
+            metadata,
+            items: items
+                .iter()
+                .map(|o| table::partial_metadata(o))
+                .collect::<Vec<_>>(),
+        })
     } else {
-        (
-            format!("{}List", kind.kind),
-            kind.api_version(),
-            items.into_iter().cloned().collect(),
-        )
-    };
-    Ok(json_response(
-        200,
-        &json!({"kind": list_kind, "apiVersion": api_version, "metadata": metadata, "items": items}),
-        &[],
-    ))
+        serde_json::to_vec(&ListOut {
+            kind: format!("{}List", kind.kind),
+            api_version: kind.api_version(),
+            metadata,
+            items,
+        })
+    }
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut response = Response::new(full(body));
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    Ok(response)
 }
 
 /// The namespace exists and is not being deleted (NamespaceLifecycle admission).
@@ -868,7 +883,15 @@ async fn check_namespace(call: &Call<'_>, target: &Target) -> Result<(), ApiErro
     };
     let namespaces =
         kinds::find("", "v1", "namespaces").ok_or_else(|| ApiError::internal("no namespaces"))?;
-    match read_object(call.state, &namespaces.key(None, ns)).await? {
+    // The watch cache answers for namespaces it holds (as kube-apiserver's admission
+    // reads an informer); one it does not hold yet may have been created a moment ago,
+    // so that case is read from the store.
+    let key = namespaces.key(None, ns);
+    let found = match call.state.cache.get(&key) {
+        Some(n) => Some(((*n).clone(), 0)),
+        None => read_object(call.state, &key).await?,
+    };
+    match found {
         None => Err(ApiError::not_found(namespaces, ns)),
         Some((n, _))
             if n.pointer("/metadata/deletionTimestamp").is_some()
@@ -1392,6 +1415,7 @@ async fn delete(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiE
                 if namespace_kind {
                     call.state.namespace_deleted.notify_one();
                 }
+                call.state.gc_wake.notify_one();
                 if immediate && !kind.has_spec && !is_pod {
                     return Ok(json_response(200, &success(kind, name), &[]));
                 }

@@ -7,13 +7,13 @@
 //! Owns request handling, admission and the watch cache; it reaches the store only
 //! through the replica (writes are raft proposals, reads follow a ReadIndex round) and
 //! never touches raft, the log or peers. Not built yet, and answered with a clear error:
-//! server-side apply, the scale subresource's writes; garbage collection of owned
-//! objects is not built either.
+//! server-side apply and the scale subresource's writes.
 
 pub mod admit;
 pub mod auth;
 pub mod cache;
 pub mod discovery;
+pub mod gc;
 pub mod handler;
 pub mod kinds;
 pub mod openapi;
@@ -69,6 +69,9 @@ pub struct ApiServerSettings {
     pub cache_wait: Duration,
     /// How often the leader looks for namespaces being deleted.
     pub namespace_sweep: Duration,
+    /// How often the leader's garbage collector sweeps when nothing wakes it (every
+    /// deletion does; the interval catches objects created for owners already gone).
+    pub gc_interval: Duration,
     pub cache: CacheSettings,
 }
 
@@ -88,6 +91,7 @@ impl Default for ApiServerSettings {
             bookmark_interval: Duration::from_secs(60),
             cache_wait: Duration::from_secs(10),
             namespace_sweep: Duration::from_secs(2),
+            gc_interval: Duration::from_secs(10),
             cache: CacheSettings::default(),
         }
     }
@@ -103,6 +107,8 @@ pub struct ApiState {
     pub requests: AtomicU64,
     /// Woken when a namespace is marked for deletion, so its contents go soon.
     pub namespace_deleted: tokio::sync::Notify,
+    /// Woken by every deletion, so dependents go soon.
+    pub gc_wake: tokio::sync::Notify,
     /// The system namespaces and default RBAC exist (`/readyz` waits for it, as
     /// kube-apiserver's waits for its bootstrap hooks).
     pub bootstrapped: std::sync::atomic::AtomicBool,
@@ -155,6 +161,7 @@ pub fn start(
         watches: AtomicUsize::new(0),
         requests: AtomicU64::new(0),
         namespace_deleted: tokio::sync::Notify::new(),
+        gc_wake: tokio::sync::Notify::new(),
         bootstrapped: std::sync::atomic::AtomicBool::new(false),
     });
     let mut tls = tls;
@@ -164,6 +171,7 @@ pub fn start(
         tokio::spawn(accept_loop(listener, Arc::new(tls), state.clone())),
         tokio::spawn(bootstrap(state.clone())),
         tokio::spawn(namespace_sweeper(state.clone())),
+        tokio::spawn(garbage_collector(state.clone())),
     ];
     RunningApiServer { state, tasks }
 }
@@ -322,6 +330,35 @@ async fn bootstrap(state: Arc<ApiState>) {
     state
         .bootstrapped
         .store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// Sweeps run back to back while each makes progress, at most this many.
+const GC_SWEEPS_IN_A_ROW: usize = 16;
+
+/// On the leader: collects owned objects whose owners are gone (see [`gc`]).
+async fn garbage_collector(state: Arc<ApiState>) {
+    loop {
+        tokio::select! {
+            () = state.gc_wake.notified() => {}
+            () = tokio::time::sleep(state.settings.gc_interval) => {}
+        }
+        // A sweep that wrote something may have unblocked the next step (a dependent
+        // gone lets its owner's finalizer go): sweep again at once, a bounded number
+        // of times, each after the cache has seen the previous writes.
+        for _ in 0..GC_SWEEPS_IN_A_ROW {
+            if !state.replica.is_leader() || !state.cache.is_ready() {
+                break;
+            }
+            let revision = *state.replica.subscribe_revision().borrow();
+            state
+                .cache
+                .wait_for(revision, state.settings.cache_wait)
+                .await;
+            if gc::collect(&state).await == 0 {
+                break;
+            }
+        }
+    }
 }
 
 /// On the leader: deletes what namespaces marked for deletion hold, then the namespaces.
