@@ -62,6 +62,15 @@ impl Server {
                 .ok()
                 .filter(|(status, _)| *status == 200)
         });
+        // The API server writes the site's system namespaces and default RBAC once; the
+        // tests here count revisions and compare whole ranges, so they start after the
+        // last of those writes.
+        wait_for("the API server's bootstrap objects", || {
+            let path = "/v0/get?key=/registry/rbac.authorization.k8s.io/clusterrolebindings/system:discovery";
+            http_json(self.addr, "GET", path, None)
+                .ok()
+                .filter(|(status, _)| *status == 200)
+        });
     }
 
     fn kill9(&mut self) {
@@ -198,15 +207,6 @@ fn the_leader_compacts_history_on_its_interval_and_it_stays_compacted() {
             .as_u64()
             .expect("revision")
     };
-    // The API server writes the site's system namespaces and default RBAC once at
-    // start; wait for the last of them so no other write lands between these.
-    wait_for("the API server's bootstrap objects", || {
-        let path =
-            "/v0/get?key=/registry/rbac.authorization.k8s.io/clusterrolebindings/system:discovery";
-        http_json(server.addr, "GET", path, None)
-            .ok()
-            .filter(|(status, _)| *status == 200)
-    });
     let first = revision(create(server.addr, "/c/a", "1").unwrap());
     let second = revision(create(server.addr, "/c/b", "2").unwrap());
     // Both writes were timed from arrival to applied.
@@ -321,6 +321,9 @@ fn garbage_requests_are_refused_and_change_nothing() {
         "/v0/range?prefix=/&continue=garbage",
         "/v0/get",
         "/v0/watch?prefix=/&after=x",
+        // Not percent-encoded UTF-8: refused, not read as U+FFFD.
+        "/v0/get?key=%FF",
+        "/v0/range?prefix=%C3",
     ] {
         let (status, _) = http_json(server.addr, "GET", path, None).unwrap();
         assert_eq!(status, 400, "{path}");

@@ -123,6 +123,8 @@ pub struct TransportSettings {
     pub max_snapshot_bytes: u64,
     /// The bytes of a snapshot file in one chunk frame.
     pub snapshot_chunk_bytes: usize,
+    /// How long after a failed snapshot send raft hears of it (and sends again).
+    pub snapshot_retry_delay: Duration,
 }
 
 impl Default for TransportSettings {
@@ -137,6 +139,7 @@ impl Default for TransportSettings {
             join_timeout: Duration::from_secs(60),
             max_snapshot_bytes: 8 << 30,
             snapshot_chunk_bytes: 1 << 20,
+            snapshot_retry_delay: Duration::from_secs(1),
         }
     }
 }

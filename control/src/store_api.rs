@@ -45,6 +45,17 @@ use crate::store::{Applied, Command, Event, EventKind, Op, Refusal, StoreError, 
 pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(60);
 /// The most keys one range page returns.
 pub const MAX_PAGE: usize = 10_000;
+/// The most value bytes one range page returns (a page is cut short, with a continue
+/// token, past this: a page of large values must not take the member's memory).
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
+
+/// Refuses a query string that is not percent-encoded UTF-8 (the extractor would read
+/// `%FF` as U+FFFD, another key than the one asked for).
+fn strict_query(uri: &axum::http::Uri) -> Option<Response> {
+    crate::apiserver::handler::parse_query(uri.query())
+        .err()
+        .map(|e| error(StatusCode::BAD_REQUEST, e.message))
+}
 
 /// Serves the API on `listener` until the task is aborted.
 pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
@@ -58,10 +69,68 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
         .route("/v0/members", get(members))
         .route("/v0/members/remove", post(remove_member))
         .with_state(Arc::new(state));
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "store API failed");
+    let app = hyper_util::service::TowerToHyperService::new(app);
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => {
+                backoff = Duration::from_millis(10);
+                c
+            }
+            Err(e) => {
+                // Out of file handles (or similar): wait rather than spin.
+                tracing::warn!(error = %e, wait = ?backoff, "store API: accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "store API: connection limit reached; closing a new connection");
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |request| {
+                let app = app.clone();
+                async move {
+                    use hyper::service::Service as _;
+                    // A client that trickles its body (or a handler that hangs) is
+                    // answered 408 once the request's deadline passes.
+                    match tokio::time::timeout(REQUEST_DEADLINE, app.call(request)).await {
+                        Ok(Ok(response)) => Ok::<_, std::convert::Infallible>(response),
+                        Ok(Err(never)) => match never {},
+                        Err(_) => Ok(error(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "the request did not complete in time",
+                        )),
+                    }
+                }
+            });
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            if let Err(e) = builder.serve_connection(io, service).await {
+                tracing::debug!(%peer, error = %e, "store API: connection ended");
+            }
+        });
     }
 }
+
+/// Open connections to the store API at most; further ones are closed at once, so idle
+/// clients cannot take every file handle.
+pub const MAX_CONNECTIONS: usize = 512;
+/// How long a client may take to send its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request may take, body included (a watch waits at most
+/// [`MAX_WATCH_WAIT`] for changes, so this is longer).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(90);
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({"error": message.into()}))).into_response()
@@ -400,7 +469,14 @@ struct KeyQuery {
     serializable: bool,
 }
 
-async fn get_key(State(state): State<Arc<ApiState>>, Query(q): Query<KeyQuery>) -> Response {
+async fn get_key(
+    State(state): State<Arc<ApiState>>,
+    uri: axum::http::Uri,
+    Query(q): Query<KeyQuery>,
+) -> Response {
+    if let Some(response) = strict_query(&uri) {
+        return response;
+    }
     if let Err(response) = barrier(&state, q.serializable).await {
         return response;
     }
@@ -517,7 +593,14 @@ struct RangeQuery {
     serializable: bool,
 }
 
-async fn range(State(state): State<Arc<ApiState>>, Query(q): Query<RangeQuery>) -> Response {
+async fn range(
+    State(state): State<Arc<ApiState>>,
+    uri: axum::http::Uri,
+    Query(q): Query<RangeQuery>,
+) -> Response {
+    if let Some(response) = strict_query(&uri) {
+        return response;
+    }
     let limit = if q.limit == 0 {
         MAX_PAGE
     } else {
@@ -532,14 +615,32 @@ async fn range(State(state): State<Arc<ApiState>>, Query(q): Query<RangeQuery>) 
     })
     .await;
     match result {
-        Ok(page) => Json(serde_json::json!({
-            "revision": page.revision,
-            "continue": page.continue_token,
-            "items": page.items.iter().map(|(k, v)| value_out(k, v)).collect::<Vec<_>>(),
-        }))
-        .into_response(),
+        Ok(mut page) => {
+            let mut bytes = 0usize;
+            if let Some(cut) = page.items.iter().position(|(k, v)| {
+                bytes += k.len() + v.data.len();
+                bytes > MAX_PAGE_BYTES
+            }) {
+                // Keep at least one item so a page always makes progress.
+                page.items.truncate(cut.max(1));
+                page.continue_token = page
+                    .items
+                    .last()
+                    .map(|(k, _)| crate::store::Store::continue_after(page.revision, k));
+            }
+            range_page(page)
+        }
         Err(response) => response,
     }
+}
+
+fn range_page(page: crate::store::Page) -> Response {
+    Json(serde_json::json!({
+        "revision": page.revision,
+        "continue": page.continue_token,
+        "items": page.items.iter().map(|(k, v)| value_out(k, v)).collect::<Vec<_>>(),
+    }))
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -560,7 +661,14 @@ fn event_out(e: &Event) -> serde_json::Value {
     serde_json::json!({"type": kind, "revision": e.revision, "object": value_out(&e.key, v)})
 }
 
-async fn watch(State(state): State<Arc<ApiState>>, Query(q): Query<WatchQuery>) -> Response {
+async fn watch(
+    State(state): State<Arc<ApiState>>,
+    uri: axum::http::Uri,
+    Query(q): Query<WatchQuery>,
+) -> Response {
+    if let Some(response) = strict_query(&uri) {
+        return response;
+    }
     let wait = Duration::from_secs(q.timeout_seconds.unwrap_or(30)).min(MAX_WATCH_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     let mut revisions = state.replica.subscribe_revision();

@@ -481,7 +481,11 @@ impl Transport {
                     tokio::spawn(async move {
                         let result = me.send_snapshot(&conn, &snapshot, &addr).await;
                         if let Err(e) = &result {
-                            tracing::warn!(peer = id, error = %e, "snapshot not sent");
+                            tracing::warn!(peer = id, error = %e, wait = ?me.settings.snapshot_retry_delay, "snapshot not sent");
+                            // Raft sends again as soon as it hears of the failure: a
+                            // member out of file handles would retry (and log) every
+                            // heartbeat, so the failure is reported after a pause.
+                            tokio::time::sleep(me.settings.snapshot_retry_delay).await;
                         }
                         me.report_snapshot(id, result.is_ok());
                     });

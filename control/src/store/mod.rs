@@ -524,6 +524,12 @@ impl Store {
         })
     }
 
+    /// A continue token that resumes a range after `last_key`, as read at `revision`
+    /// (for callers that cut a page shorter than the store did).
+    pub fn continue_after(revision: u64, last_key: &[u8]) -> String {
+        codec::encode_continue(revision, last_key)
+    }
+
     /// Every change under `prefix` after revision `after`, in order (at most `limit`,
     /// 0: all). Gone when some of those changes have been compacted away.
     pub fn events_after(
