@@ -79,6 +79,10 @@ pub(super) struct ReadyLoop {
     /// The learner being promoted and when that was proposed.
     pub(super) promoting: Option<(u64, Instant)>,
     pub(super) was_leader: bool,
+    /// The leader this member last knew: when it changes, proposals in flight are
+    /// answered at once (they may have died with the old leader) rather than left to
+    /// time out.
+    pub(super) last_leader: u64,
     pub(super) snapshot_dir: PathBuf,
     /// The index of the newest snapshot made or installed here.
     pub(super) last_snapshot: u64,
@@ -192,6 +196,19 @@ impl ReadyLoop {
             .leader_id
             .store(raft.leader_id, Ordering::Relaxed);
         self.metrics.term.store(raft.term, Ordering::Relaxed);
+        if raft.leader_id != self.last_leader {
+            let before = std::mem::replace(&mut self.last_leader, raft.leader_id);
+            if before != raft::INVALID_ID && !self.pending.is_empty() {
+                tracing::info!(
+                    id = self.settings.id,
+                    pending = self.pending.len(),
+                    "the leader changed; answering proposals in flight"
+                );
+                for (_, (waiter, _)) in self.pending.drain() {
+                    waiter.fail(ReplicaError::LeaderChanged);
+                }
+            }
+        }
         if leader != self.was_leader {
             self.was_leader = leader;
             self.metrics

@@ -69,6 +69,10 @@ pub enum ReplicaError {
     Timeout(Duration),
     #[error("raft dropped the request: {0}")]
     Dropped(String),
+    #[error(
+        "the leader changed while the request was in flight: a write may or may not have been applied; try again"
+    )]
+    LeaderChanged,
     #[error("{0} holds no member state, and no bootstrap was asked for")]
     NotInitialized(PathBuf),
     #[error(transparent)]
@@ -403,6 +407,7 @@ impl Replica {
             reads_ready: Vec::new(),
             promoting: None,
             was_leader: false,
+            last_leader: raft::INVALID_ID,
             snapshot_dir,
             last_snapshot,
             snapshot_writing: false,
