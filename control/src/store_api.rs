@@ -70,29 +70,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
         .route("/v0/members/remove", post(remove_member))
         .with_state(Arc::new(state));
     let app = hyper_util::service::TowerToHyperService::new(app);
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => {
-                backoff = Duration::from_millis(10);
-                c
-            }
-            Err(e) => {
-                // Out of file handles (or similar): wait rather than spin.
-                tracing::warn!(error = %e, wait = ?backoff, "store API: accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "store API: connection limit reached; closing a new connection");
-            continue;
-        };
+    crate::accept::accept_loop(listener, MAX_CONNECTIONS, "store-api", move |tcp, peer| {
         let app = app.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             let service = hyper::service::service_fn(move |request| {
                 let app = app.clone();
                 async move {
@@ -119,8 +99,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
             if let Err(e) = builder.serve_connection(io, service).await {
                 tracing::debug!(%peer, error = %e, "store API: connection ended");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Open connections to the store API at most; further ones are closed at once, so idle

@@ -240,7 +240,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// A consistent read point: a ReadIndex round, then the cache caught up to it.
-async fn consistent(state: &ApiState) -> Result<u64, ApiError> {
+pub(super) async fn consistent(state: &ApiState) -> Result<u64, ApiError> {
     state.replica.read_barrier().await.map_err(replica_error)?;
     let revision = *state.replica.subscribe_revision().borrow();
     if !state

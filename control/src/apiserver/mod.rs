@@ -182,34 +182,11 @@ async fn accept_loop(
     state: Arc<ApiState>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let connections = Arc::new(tokio::sync::Semaphore::new(state.settings.max_connections));
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => {
-                backoff = Duration::from_millis(10);
-                c
-            }
-            Err(e) => {
-                // Out of file handles (or similar): wait rather than spin.
-                tracing::warn!(error = %e, wait = ?backoff, "API server: accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "API server: connection limit reached; closing a new connection");
-            drop(tcp);
-            continue;
-        };
-        let acceptor = acceptor.clone();
-        let state = state.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(acceptor, tcp, peer, state).await;
-        });
-    }
+    let max = state.settings.max_connections;
+    crate::accept::accept_loop(listener, max, "kubernetes-api", move |tcp, peer| {
+        serve_connection(acceptor.clone(), tcp, peer, state.clone())
+    })
+    .await;
 }
 
 async fn serve_connection(

@@ -71,40 +71,21 @@ fn add_schema(generator: &mut SchemaGenerator, kind: &Kind) -> Option<String> {
     })
 }
 
-/// The merge key of a list property, as the patch module merges it.
+/// The merge key of a list property, from the patch module's table; whether the
+/// elements have a field is read from their schema (following a `$ref`).
 fn merge_key(
     property: &str,
     items: &Value,
     definitions: &Map<String, Value>,
 ) -> Option<&'static str> {
-    // Ports: containers' by containerPort, services' by port.
-    let item_has = |field: &str| {
-        let target = items
-            .get("$ref")
-            .and_then(Value::as_str)
-            .and_then(|r| r.rsplit('/').next())
-            .and_then(|name| definitions.get(name))
-            .unwrap_or(items);
+    let target = items
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| r.rsplit('/').next())
+        .and_then(|name| definitions.get(name))
+        .unwrap_or(items);
+    super::patch::merge_key(property, |field| {
         target.pointer(&format!("/properties/{field}")).is_some()
-    };
-    Some(match property {
-        "containers"
-        | "initContainers"
-        | "ephemeralContainers"
-        | "env"
-        | "volumes"
-        | "imagePullSecrets"
-        | "resourceClaims"
-        | "schedulingGates" => "name",
-        "ports" if item_has("containerPort") => "containerPort",
-        "ports" if item_has("port") => "port",
-        "volumeMounts" => "mountPath",
-        "volumeDevices" => "devicePath",
-        "conditions" if item_has("type") => "type",
-        "ownerReferences" => "uid",
-        "hostAliases" => "ip",
-        "topologySpreadConstraints" => "topologyKey",
-        _ => return None,
     })
 }
 
@@ -123,7 +104,7 @@ fn add_patch_extensions(definitions: &mut Map<String, Value>) {
             if let Some(key) = merge_key(name, &items, &snapshot) {
                 property["x-kubernetes-patch-merge-key"] = json!(key);
                 property["x-kubernetes-patch-strategy"] = json!("merge");
-            } else if name == "finalizers" {
+            } else if super::patch::merges_primitives(name) {
                 property["x-kubernetes-patch-strategy"] = json!("merge");
             }
         }

@@ -52,8 +52,9 @@ pub fn strategic_merge_patch(doc: &mut Value, patch: &[u8]) -> Result<(), PatchE
     Ok(())
 }
 
-/// The merge key of a list field, from its name and an element's shape.
-fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
+/// The merge key of a list field, from its name and whether its elements have a
+/// field (`has`): the one table both strategic merge and the OpenAPI documents use.
+pub fn merge_key(field: &str, has: impl Fn(&str) -> bool) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"
@@ -64,13 +65,9 @@ fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
         | "resourceClaims"
         | "schedulingGates"
         | "listeners" => "name",
-        "ports" => {
-            if sample.is_some_and(|s| s.get("containerPort").is_some()) {
-                "containerPort"
-            } else {
-                "port"
-            }
-        }
+        // Containers' ports by containerPort, services' by port.
+        "ports" if has("containerPort") => "containerPort",
+        "ports" => "port",
         "volumeMounts" => "mountPath",
         "volumeDevices" => "devicePath",
         "conditions" => "type",
@@ -82,7 +79,7 @@ fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
 }
 
 /// Lists of scalars merged as sets rather than replaced.
-fn merges_primitives(field: &str) -> bool {
+pub fn merges_primitives(field: &str) -> bool {
     field == "finalizers"
 }
 
@@ -228,7 +225,8 @@ fn merge_list(field: &str, current: Option<&Value>, patch: &[Value]) -> Result<V
         return Ok(Value::Array(out));
     }
     let sample = patch.first().or(current.first());
-    let Some(key) = merge_key(field, sample).filter(|_| sample.is_some_and(Value::is_object))
+    let Some(key) = merge_key(field, |f| sample.is_some_and(|s| s.get(f).is_some()))
+        .filter(|_| sample.is_some_and(Value::is_object))
     else {
         return Ok(Value::Array(patch.iter().map(strip).collect()));
     };
@@ -264,7 +262,7 @@ fn merge_list(field: &str, current: Option<&Value>, patch: &[Value]) -> Result<V
 /// Puts the elements `$setElementOrder` names first, in its order; others keep theirs.
 fn reorder(field: &str, items: &mut [Value], order: &[Value]) {
     let sample = order.first();
-    let key = merge_key(field, sample);
+    let key = merge_key(field, |f| sample.is_some_and(|s| s.get(f).is_some()));
     let position = |item: &Value| {
         order.iter().position(|o| match key {
             Some(k) if o.is_object() => o.get(k).is_some() && o.get(k) == item.get(k),

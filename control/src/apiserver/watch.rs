@@ -164,21 +164,7 @@ async fn start(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiEr
     let (after, initial) = match (rv, send_initial) {
         ("", None) | (_, Some(true)) => {
             if rv.is_empty() {
-                state
-                    .replica
-                    .read_barrier()
-                    .await
-                    .map_err(|e| ApiError::unavailable(e.to_string()))?;
-                let revision = *state.replica.subscribe_revision().borrow();
-                if !state
-                    .cache
-                    .wait_for(revision, state.settings.cache_wait)
-                    .await
-                {
-                    return Err(ApiError::timeout(
-                        "the watch cache did not catch up in time",
-                    ));
-                }
+                super::handler::consistent(&state).await?;
             }
             (None, true)
         }
