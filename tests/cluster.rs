@@ -165,9 +165,14 @@ impl Cluster {
     /// A cluster of `n` members: the first bootstraps, each next joins through the one
     /// before it (so joins through followers are exercised too).
     fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[])
+    }
+
+    /// As `start`, with `extra` flags on every member's first start.
+    fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let root = tempfile::tempdir().expect("tempdir");
         let mut first = Member::new(root.path(), "m0");
-        first.spawn(&["--init"]);
+        first.spawn(&[&["--init"], extra].concat());
         let token_path = first.dir.join("pki/join-token");
         let token = wait_for("the join token", || {
             std::fs::read_to_string(&token_path)
@@ -184,7 +189,7 @@ impl Cluster {
         cluster.wait_voters(1);
         for i in 1..n {
             let via = cluster.members[i - 1].peer;
-            cluster.join(via);
+            cluster.join_with(via, extra);
             cluster.wait_voters(i + 1);
         }
         cluster
@@ -192,9 +197,20 @@ impl Cluster {
 
     /// Adds a member that joins through `via`; returns its index.
     fn join(&mut self, via: SocketAddr) -> usize {
+        self.join_with(via, &[])
+    }
+
+    fn join_with(&mut self, via: SocketAddr, extra: &[&str]) -> usize {
         let name = format!("m{}", self.members.len());
         let mut m = Member::new(self.root.path(), &name);
-        m.spawn(&["--join", &via.to_string(), "--token", &self.token]);
+        let via = via.to_string();
+        m.spawn(
+            &[
+                &["--join", via.as_str(), "--token", self.token.as_str()],
+                extra,
+            ]
+            .concat(),
+        );
         self.members.push(m);
         self.members.len() - 1
     }
@@ -995,4 +1011,163 @@ fn every_member_serves_the_kubernetes_api_and_watches_resume_on_another() {
         let out = kubectl(&cluster, followers[1], &["get", "cm", "w2", "-o", "name"]);
         out.status.success().then(|| stdout(&out))
     });
+}
+
+/// A kube-rs client of one member, from the admin kubeconfig with its address.
+async fn kube_client(cluster: &Cluster, member: usize) -> kube::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // kubectl() writes the member's kubeconfig as a side effect.
+    let _ = kubectl(cluster, member, &["version", "--client"]);
+    let path = cluster.root.path().join(format!("m{member}.kubeconfig"));
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("config");
+    kube::Client::try_from(config).expect("client")
+}
+
+fn configmap(name: &str) -> k8s_openapi::api::core::v1::ConfigMap {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name}, "data": {"a": "1"},
+    }))
+    .expect("configmap")
+}
+
+#[test]
+fn kube_rs_patches_pages_and_a_reflector_that_follows_a_member_through_kill_compaction_and_restart()
+{
+    use futures::StreamExt as _;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+    use kube::runtime::{WatchStreamExt as _, reflector, watcher};
+
+    let mut cluster = Cluster::start_with(3, &["--compact-interval", "300ms"]);
+    let leader = cluster.leader();
+    let watched = (0..3).find(|i| *i != leader).expect("a follower");
+    let writer_member = (0..3)
+        .find(|i| *i != leader && *i != watched)
+        .expect("another");
+    for i in 0..3 {
+        wait_for("the member's API", || {
+            kubectl(&cluster, i, &["get", "--raw", "/readyz"])
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = runtime.block_on(kube_client(&cluster, watched));
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    runtime.block_on(async {
+        // Each patch type kube-rs sends.
+        cms.create(&PostParams::default(), &configmap("p")).await.expect("create");
+        let pp = PatchParams::default();
+        cms.patch("p", &pp, &Patch::Merge(serde_json::json!({"data": {"b": "2"}}))).await.expect("merge");
+        cms.patch("p", &pp, &Patch::Strategic(serde_json::json!({"data": {"c": "3"}}))).await.expect("strategic");
+        let ops = serde_json::from_value(serde_json::json!([{"op": "add", "path": "/data/d", "value": "4"}])).expect("ops");
+        let patched = cms.patch("p", &pp, &Patch::Json::<()>(ops)).await.expect("json patch");
+        let data = patched.data.unwrap_or_default();
+        assert_eq!(
+            ["a", "b", "c", "d"].map(|k| data.get(k).cloned().unwrap_or_default()),
+            ["1", "2", "3", "4"]
+        );
+        // Server-side apply is not built: a clear 501, not a silent difference.
+        match cms.patch("p", &PatchParams::apply("test"), &Patch::Apply(serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "p"}}))).await {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 501, "{status:?}"),
+            other => panic!("server-side apply: {other:?}"),
+        }
+        // Pages of two, to the end.
+        for i in 0..5 {
+            cms.create(&PostParams::default(), &configmap(&format!("page-{i}"))).await.expect("create");
+        }
+        let mut names = Vec::new();
+        let mut params = ListParams::default().limit(2);
+        loop {
+            let page = cms.list(&params).await.expect("page");
+            assert!(page.items.len() <= 2);
+            names.extend(page.items.iter().filter_map(|c| c.metadata.name.clone()));
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => params = ListParams::default().limit(2).continue_token(&token),
+                _ => break,
+            }
+        }
+        for i in 0..5 {
+            assert!(names.contains(&format!("page-{i}")), "{names:?}");
+        }
+    });
+    // A reflector on the watched member.
+    let (reader, writer) = reflector::store::<ConfigMap>();
+    let inits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = inits.clone();
+    let stream = reflector(
+        writer,
+        watcher(cms.clone(), watcher::Config::default())
+            .default_backoff()
+            .inspect(move |event| {
+                if let Ok(watcher::Event::Init) = event {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            }),
+    )
+    .applied_objects();
+    runtime.spawn(stream.for_each(|_| std::future::ready(())));
+    let has = |name: &str| {
+        reader
+            .state()
+            .iter()
+            .any(|c| c.metadata.name.as_deref() == Some(name))
+    };
+    runtime
+        .block_on(reader.wait_until_ready())
+        .expect("reflector ready");
+    kubectl_ok(
+        &cluster,
+        writer_member,
+        &["create", "configmap", "before-kill"],
+    );
+    wait_for("the reflector to see before-kill", || {
+        has("before-kill").then_some(())
+    });
+    // The watched member dies; the site goes on and compacts past the watcher's place.
+    cluster.members[watched].kill9();
+    for i in 0..10 {
+        kubectl_ok(
+            &cluster,
+            writer_member,
+            &["create", "configmap", &format!("while-down-{i}")],
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kubectl_ok(
+        &cluster,
+        writer_member,
+        &["delete", "configmap", "before-kill"],
+    );
+    let compacted_past = kubectl_ok(
+        &cluster,
+        writer_member,
+        &["get", "--raw", "/api/v1/namespaces/default/configmaps"],
+    );
+    let rv: u64 = serde_json::from_str::<Value>(&compacted_past).expect("list")["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .expect("rv");
+    wait_for("history compacted past the kill", || {
+        (cluster.members[leader].metric("brink_store_compacted_revision")? >= rv).then_some(())
+    });
+    // It comes back; the reflector resumes (relisting after the 410 in the stream).
+    cluster.members[watched].spawn(&["--compact-interval", "300ms"]);
+    wait_for("the reflector to catch up", || {
+        ((0..10).all(|i| has(&format!("while-down-{i}"))) && !has("before-kill")).then_some(())
+    });
+    assert!(
+        inits.load(Ordering::Relaxed) >= 2,
+        "the watcher relisted after the compaction"
+    );
+    drop(runtime);
 }
