@@ -68,10 +68,15 @@ pub enum Step {
     Update { key: String, object: Value },
 }
 
-fn now() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+/// The owner written back without `finalizer` (its deletion then completes).
+fn release(key: &str, object: &Value, held: &[&str], finalizer: &str) -> Step {
+    let mut done = object.clone();
+    done["metadata"]["finalizers"] =
+        json!(held.iter().filter(|f| **f != finalizer).collect::<Vec<_>>());
+    Step::Update {
+        key: key.to_owned(),
+        object: done,
+    }
 }
 
 /// How a dependent is deleted: bound pods and objects with finalizers are marked,
@@ -102,7 +107,7 @@ fn delete_step(
         });
     }
     let mut marked = object.clone();
-    marked["metadata"]["deletionTimestamp"] = json!(now());
+    marked["metadata"]["deletionTimestamp"] = json!(super::handler::now_rfc3339());
     let grace = if bound_pod {
         object
             .pointer("/spec/terminationGracePeriodSeconds")
@@ -139,13 +144,7 @@ pub fn sweep(objects: &[(String, Arc<Value>)]) -> Vec<Step> {
         let mine = dependents.get(own_uid).cloned().unwrap_or_default();
         if deleting && held.contains(&ORPHAN) {
             if mine.is_empty() {
-                let mut done = (**object).clone();
-                done["metadata"]["finalizers"] =
-                    json!(held.iter().filter(|f| **f != ORPHAN).collect::<Vec<_>>());
-                steps.push(Step::Update {
-                    key: key.clone(),
-                    object: done,
-                });
+                steps.push(release(key, object, &held, ORPHAN));
             } else {
                 for d in mine {
                     if !touched.insert(d) {
@@ -180,16 +179,7 @@ pub fn sweep(objects: &[(String, Arc<Value>)]) -> Vec<Step> {
         }
         if deleting && held.contains(&FOREGROUND) {
             if mine.is_empty() {
-                let mut done = (**object).clone();
-                done["metadata"]["finalizers"] = json!(
-                    held.iter()
-                        .filter(|f| **f != FOREGROUND)
-                        .collect::<Vec<_>>()
-                );
-                steps.push(Step::Update {
-                    key: key.clone(),
-                    object: done,
-                });
+                steps.push(release(key, object, &held, FOREGROUND));
             } else {
                 for d in mine {
                     if !touched.insert(d) {
@@ -234,13 +224,7 @@ pub async fn collect(state: &ApiState) -> usize {
             }
             Step::Update { key, object } => {
                 let expect = revision(&object);
-                let finished = object.pointer("/metadata/deletionTimestamp").is_some()
-                    && finalizers(&object).is_empty()
-                    && object
-                        .pointer("/metadata/deletionGracePeriodSeconds")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(0)
-                        == 0;
+                let finished = super::handler::finalized(&object);
                 let op = if finished {
                     Op::Delete {
                         key: key.clone().into_bytes(),

@@ -1082,7 +1082,7 @@ fn merge_update(
 
 /// The stored form of an update: either a new value or, for an object whose deletion
 /// was waiting only on finalizers now gone, its removal.
-fn finalized(object: &Value) -> bool {
+pub(super) fn finalized(object: &Value) -> bool {
     object.pointer("/metadata/deletionTimestamp").is_some()
         && object
             .pointer("/metadata/finalizers")
