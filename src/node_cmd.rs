@@ -108,6 +108,9 @@ pub struct NodeFlags {
     /// How long a gateway port that closes gives its open connections to finish.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     gateway_drain: std::time::Duration,
+    /// How long a gateway port that another process holds waits before the next try.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    gateway_port_retry: std::time::Duration,
     /// How long an HTTP/1.1 client of a gateway port may take to send its headers (0s: no
     /// limit).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
@@ -222,6 +225,11 @@ impl NodeFlags {
         s.gateway_controller_name = self.gateway_controller_name.clone();
         s.gateway_address = self.gateway_address;
         s.gateway_drain = self.gateway_drain;
+        anyhow::ensure!(
+            !self.gateway_port_retry.is_zero(),
+            "--gateway-port-retry must be positive"
+        );
+        s.gateway_port_retry = self.gateway_port_retry;
         anyhow::ensure!(
             !self.gateway_tls_handshake_timeout.is_zero(),
             "--gateway-tls-handshake-timeout must be positive"

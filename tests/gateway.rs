@@ -1437,7 +1437,7 @@ fn route_age_decides_ties_and_survives_a_restart() {
 }
 
 #[test]
-fn a_port_in_use_is_reported_and_retried_on_the_next_change() {
+fn a_port_in_use_is_reported_and_retried_until_it_opens() {
     let site = Site::start();
     let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind");
     let port = taken.local_addr().expect("addr").port();
@@ -1468,9 +1468,9 @@ fn a_port_in_use_is_reported_and_retried_on_the_next_change() {
         condition(&gw["status"]["conditions"], "Programmed")["reason"],
         "NoResources"
     );
-    // The port is freed; the next change of anything tries again.
+    // The port is freed; the node tries again on its own (--gateway-port-retry), with no
+    // object changing.
     drop(taken);
-    site.node.write_manifest("nudge.yaml", &route(INFRA, "nudge", "busy", "  hostnames: [nudge.example]\n  rules:\n  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n"));
     site.wait_gateway_programmed("busy");
     eventually_pod(port, "any.example", "/", &[], "infra-backend-v1");
 }

@@ -168,6 +168,7 @@ impl Agent {
                     max_header_bytes: settings.gateway_max_header_bytes,
                 },
                 state_dir: settings.data_dir.join("gateway"),
+                port_retry: settings.gateway_port_retry,
             },
             metrics.clone(),
         );

@@ -93,6 +93,9 @@ pub struct NodeSettings {
     /// How long a gateway port that closes (its Gateway changed or went) gives open
     /// connections to finish.
     pub gateway_drain: Duration,
+    /// How long a gateway port that could not be opened (another process holds it) waits
+    /// before the next try; its listeners say `PortUnavailable` until one succeeds.
+    pub gateway_port_retry: Duration,
     /// How long an HTTP/1.1 client of a gateway port may take to send a request's headers
     /// (slow clients must not hold connections for free); zero: no limit.
     pub gateway_header_read_timeout: Duration,
@@ -141,6 +144,7 @@ impl NodeSettings {
             gateway_controller_name: crate::gateway::DEFAULT_CONTROLLER_NAME.into(),
             gateway_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             gateway_drain: Duration::from_secs(10),
+            gateway_port_retry: Duration::from_secs(2),
             gateway_header_read_timeout: Duration::from_secs(30),
             gateway_tls_handshake_timeout: Duration::from_secs(10),
             gateway_max_header_bytes: 64 << 10,

@@ -51,6 +51,10 @@ pub struct GatewaySettings {
     pub limits: listeners::ConnectionLimits,
     /// Where object ages and generations are kept.
     pub state_dir: PathBuf,
+    /// How long a port that could not be opened waits before the next try. Without it a
+    /// port taken for a moment (say by another process while this node restarted) would
+    /// stay closed until some object changed.
+    pub port_retry: std::time::Duration,
 }
 
 /// Objects as `brink get` shows them: spec and metadata as given, status as computed.
@@ -194,6 +198,8 @@ impl DataPlane {
         // from the manifests, not from nothing.
         let mut source_seen = false;
         let mut objects_changed = false;
+        // Set while some port could not be opened: when to try again.
+        let mut retry_ports_at: Option<tokio::time::Instant> = None;
         loop {
             if objects_changed {
                 let mut objects = GatewayObjects::clone(&objects_rx.borrow_and_update());
@@ -232,6 +238,8 @@ impl DataPlane {
                     continue;
                 };
                 let bind_errors = ports.apply(&compiled.ports).await;
+                retry_ports_at = (!bind_errors.is_empty())
+                    .then(|| tokio::time::Instant::now() + self.settings.port_retry);
                 let now = Timestamp::now();
                 let gateway_status = compiled.finish(&bind_errors, now);
                 let ports_plan = std::mem::take(&mut compiled.ports);
@@ -273,6 +281,16 @@ impl DataPlane {
                     endpoints_rx.borrow_and_update();
                     self.shared.backends.store(Arc::new(self.endpoints.resolve(&services)));
                     objects_changed = false;
+                }
+                () = async {
+                    match retry_ports_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Rebuilding from the same objects tries the closed ports again and
+                    // rewrites the status when one opens.
+                    objects_changed = true;
                 }
                 () = &mut shutdown => break,
             }
