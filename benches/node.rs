@@ -460,7 +460,7 @@ fn route_lookups() {
                     "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r{i}}}\nspec:\n  parentRefs: [{{name: g}}]\n  hostnames: {hosts}\n  rules:\n  - matches: [{{path: {{type: Exact, value: {prefix}/exact}}}}]\n    backendRefs: [{{name: s, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: {prefix}/v1}}, headers: [{{name: x-version, value: beta}}]}}]\n    backendRefs: [{{name: s, port: 80}}]\n  - matches: [{{path: {{type: PathPrefix, value: {prefix}}}}}]\n    backendRefs: [{{name: s, port: 80}}]\n"
                 ));
             }
-            let mut objects = brink_node::gateway::GatewayObjects::default();
+            let mut objects = brink_node::source::GatewayObjects::default();
             for object in brink_proto::parse_manifests("bench", &text).expect("bench manifests") {
                 let key = object.key();
                 match object {

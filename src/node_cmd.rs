@@ -288,10 +288,9 @@ async fn run_node(settings: NodeSettings, manifests: PathBuf) -> anyhow::Result<
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("create {}", settings.data_dir.display()))?;
     let poll = settings.manifest_poll_interval;
+    let source = ManifestDir::new(manifests, poll, &settings.data_dir.join("gateway"));
     let agent = Agent::new(settings)?;
-    agent
-        .run(ManifestDir::new(manifests, poll), shutdown_signal())
-        .await?;
+    agent.run(source, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -56,6 +56,8 @@ pub struct NodeContext {
     /// The Gateway API data plane; workers register their service containers in its
     /// endpoints.
     pub gateway: Arc<crate::gateway::DataPlane>,
+    /// Where workers report pod status.
+    pub status: Arc<dyn crate::source::StatusSink>,
 }
 
 impl NodeContext {
@@ -167,7 +169,6 @@ impl Agent {
                     tls_handshake_timeout: settings.gateway_tls_handshake_timeout,
                     max_header_bytes: settings.gateway_max_header_bytes,
                 },
-                state_dir: settings.data_dir.join("gateway"),
                 port_retry: settings.gateway_port_retry,
             },
             metrics.clone(),
@@ -185,6 +186,7 @@ impl Agent {
                 cgroups,
                 spares,
                 gateway,
+                status: Arc::new(crate::source::status::RecordsOnly),
             }),
             pods: RwLock::new(HashMap::new()),
             source_errors: RwLock::new(Vec::new()),

@@ -28,12 +28,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, T
 use k8s_openapi::jiff::Timestamp;
 use rustls::sign::CertifiedKey;
 
-use super::objects::GatewayObjects;
 use super::table::{
     Attached, BackendTarget, Cors, Filter, HeaderModifier, ListenerTable, Mirror, PathMatch,
     PathModifier, PortTable, Protocol, Redirect, Rewrite, RouteMatch, RuleTarget, ValueMatch,
     WeightedBackend, wildcard_matches,
 };
+use crate::source::GatewayObjects;
 
 /// What the compiler needs besides the objects.
 pub struct Inputs<'a> {

@@ -2,7 +2,7 @@
 //! HTTPRoutes matched by the spec's precedence and sent to the ready pods of the
 //! Services they name.
 //!
-//! Owns: the objects' stamps ([`objects`]), compiling objects into route tables and status
+//! Owns: compiling objects into route tables and status
 //! ([`compile`], [`table`]), the listener ports ([`listeners`]), the request path
 //! ([`proxy`]) and the local endpoints ([`endpoints`]). It must not touch pods: workers
 //! register their service containers in [`Endpoints`], and the data plane only reads them.
@@ -13,13 +13,11 @@
 pub mod compile;
 pub mod endpoints;
 pub mod listeners;
-pub mod objects;
 pub mod proxy;
 pub mod table;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwap;
@@ -30,9 +28,8 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::sync::watch;
 
 pub use endpoints::Endpoints;
-pub use objects::GatewayObjects;
 
-use crate::source::ConfigObjects;
+use crate::source::{ConfigObjects, GatewayObjects};
 
 /// The `controllerName` Brink's GatewayClasses carry unless configured otherwise.
 pub const DEFAULT_CONTROLLER_NAME: &str = "brink.dev/gateway-controller";
@@ -49,8 +46,6 @@ pub struct GatewaySettings {
     /// How gateway ports treat connections: drain, header and handshake deadlines, header
     /// size.
     pub limits: listeners::ConnectionLimits,
-    /// Where object ages and generations are kept.
-    pub state_dir: PathBuf,
     /// How long a port that could not be opened waits before the next try. Without it a
     /// port taken for a moment (say by another process while this node restarted) would
     /// stay closed until some object changed.
@@ -183,39 +178,19 @@ impl DataPlane {
             self.settings.limits,
             self.shared.clone(),
         );
-        let mut stamps = match objects::Stamps::open(&self.settings.state_dir) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "gateway object ages cannot be kept; routes order by name only");
-                None
-            }
-        };
         let mut previous = StatusView::default();
         let mut services = BTreeMap::new();
         tokio::pin!(shutdown);
-        // Nothing is compiled (or stamped, which forgets objects it does not see) before
-        // the source has said what it wants: after a restart the first table is built
-        // from the manifests, not from nothing.
+        // Nothing is compiled before the source has said what it wants: after a restart
+        // the first table is built from the objects, not from nothing.
         let mut source_seen = false;
         let mut objects_changed = false;
         // Set while some port could not be opened: when to try again.
         let mut retry_ports_at: Option<tokio::time::Instant> = None;
         loop {
             if objects_changed {
-                let mut objects = GatewayObjects::clone(&objects_rx.borrow_and_update());
+                let objects = GatewayObjects::clone(&objects_rx.borrow_and_update());
                 let secrets = config.borrow_and_update().secrets.clone();
-                // Stamping writes a file: off the async threads.
-                let (back, stamped) = tokio::task::spawn_blocking(move || {
-                    let result = stamps.as_mut().map(|s| s.stamp(&mut objects));
-                    (stamps, (objects, result))
-                })
-                .await
-                .unwrap_or_else(|_| (None, (GatewayObjects::default(), None)));
-                stamps = back;
-                let (objects, result) = stamped;
-                if let Some(Err(e)) = result {
-                    tracing::warn!(error = %e, "cannot record gateway object ages");
-                }
                 let settings = self.settings.clone();
                 let objects = Arc::new(objects);
                 let compiled = {

@@ -7,6 +7,7 @@
 //! how guests run (see [`crate::runtime`]), how ports are served (see [`crate::hostport`]).
 
 mod probe;
+pub mod restart;
 pub mod status;
 pub mod volumes;
 mod worker;

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::probe::{ProbeTiming, probe_http};
+use super::restart::{self, Decision, next_backoff};
 use super::status::{ContainerState, PodRecord, Terminated};
 use super::volumes::{self, PreparedVolume, VolumeError};
 use crate::agent::NodeContext;
@@ -140,10 +141,6 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-fn next_backoff(current: Duration, max: Duration) -> Duration {
-    (current * 2).min(max)
-}
-
 impl Worker {
     fn pod(&self) -> Pod {
         self.record
@@ -162,18 +159,27 @@ impl Worker {
     }
 
     fn update(&self, f: impl FnOnce(&mut PodRecord)) {
-        let readiness_changed = match self.record.write() {
+        let (readiness_changed, status) = match self.record.write() {
             Ok(mut record) => {
                 let was_ready = record.all_ready();
+                let before = record.status();
                 f(&mut record);
                 let ready = record.all_ready();
                 if ready != was_ready {
                     record.ready_since = Timestamp::now();
                 }
-                (ready != was_ready).then_some(ready)
+                let after = record.status();
+                let uid = record.pod.metadata.uid.clone().unwrap_or_default();
+                (
+                    (ready != was_ready).then_some(ready),
+                    (after != before).then_some((uid, after)),
+                )
             }
-            Err(_) => None,
+            Err(_) => (None, None),
         };
+        if let Some((uid, status)) = status {
+            self.ctx.status.changed(&self.key, &uid, &status);
+        }
         // The gateway sends traffic only to ready pods, as EndpointSlices would.
         if let Some(ready) = readiness_changed {
             self.ctx.gateway.endpoints.set_ready(&self.key, ready);
@@ -775,9 +781,17 @@ impl Worker {
         }
     }
 
-    fn restart_policy(&self) -> String {
-        self.spec(|s| s.restart_policy.clone())
-            .unwrap_or_else(|| "Always".into())
+    fn restart_policy(&self) -> restart::Policy {
+        restart::Policy::from_spec(self.spec(|s| s.restart_policy.clone()).as_deref())
+    }
+
+    fn crash_loop_backoff(&self) -> restart::Backoff {
+        let s = &self.ctx.settings;
+        restart::Backoff {
+            initial: s.crash_loop_backoff_initial,
+            max: s.backoff_max,
+            reset_after: s.backoff_reset_after,
+        }
     }
 
     /// A command container: run, apply the restart policy, back off between crashes.
@@ -822,26 +836,27 @@ impl Worker {
                 finished_at: Timestamp::now(),
             };
             tracing::info!(container = %name, code = status.code, reason = %status.reason, "container exited");
-            let restart = !stopping
-                && match self.restart_policy().as_str() {
-                    "Always" => true,
-                    "OnFailure" => status.code != 0,
-                    _ => false,
-                };
-            if !restart {
-                self.set_container(&name, |c| {
-                    c.state = ContainerState::Terminated(terminated);
-                    c.ready = false;
-                    c.finished = true;
-                });
-                return;
-            }
-            if started.elapsed() >= settings.backoff_reset_after {
-                backoff = settings.crash_loop_backoff_initial;
-            }
+            let (delay, next) = match restart::decide(
+                self.restart_policy(),
+                status.code,
+                stopping,
+                started.elapsed(),
+                backoff,
+                &self.crash_loop_backoff(),
+            ) {
+                Decision::GiveUp => {
+                    self.set_container(&name, |c| {
+                        c.state = ContainerState::Terminated(terminated);
+                        c.ready = false;
+                        c.finished = true;
+                    });
+                    return;
+                }
+                Decision::Restart { delay, next } => (delay, next),
+            };
             let message = format!(
                 "back-off {}s restarting failed container={name} pod={}",
-                backoff.as_secs_f64(),
+                delay.as_secs_f64(),
                 self.key
             );
             self.set_container(&name, |c| {
@@ -853,7 +868,7 @@ impl Worker {
                 c.ready = false;
             });
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(delay) => {}
                 () = stopped(&mut stop) => {
                     self.set_container(&name, |c| {
                         c.state = ContainerState::Terminated(terminated);
@@ -862,7 +877,7 @@ impl Worker {
                     return;
                 }
             }
-            backoff = next_backoff(backoff, settings.backoff_max);
+            backoff = next;
             self.set_container(&name, |c| c.restart_count += 1);
             Metrics::inc(&self.ctx.metrics.container_restarts);
         }

@@ -1,8 +1,5 @@
-//! Where a node's pods come from. A [`PodSource`] yields the complete desired set of pods
-//! (and the ConfigMaps and Secrets their volumes read, and the Gateway API objects its
-//! data plane serves) each time it changes, like a kubelet
-//! config source's SET operation; the agent reconciles against it. [`ManifestDir`] reads
-//! manifests from a directory; a later source watches the Kubernetes API instead.
+//! Pods and objects from manifest files in a directory: a standalone node's source, and
+//! the mirror pods of a joined one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,39 +7,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use brink_proto::{Object, PodManifest, parse_manifests};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 
-/// The pods a source wants running, the objects their volumes may read, and what it could
-/// not read.
-#[derive(Debug, Clone, Default)]
-pub struct DesiredPods {
-    pub pods: Vec<PodManifest>,
-    pub config: ConfigObjects,
-    /// Gateway API objects and the Services and Namespaces they refer to.
-    pub gateway: crate::gateway::GatewayObjects,
-    /// One line per source that failed (file, document, field, message).
-    pub errors: Vec<String>,
-}
-
-/// ConfigMaps and Secrets by `namespace/name`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ConfigObjects {
-    pub config_maps: BTreeMap<String, ConfigMap>,
-    pub secrets: BTreeMap<String, Secret>,
-}
-
-/// A source of desired pods.
-pub trait PodSource: Send + 'static {
-    /// Waits for the next change and returns the complete desired set; None when the
-    /// source has ended.
-    fn next(&mut self) -> impl std::future::Future<Output = Option<DesiredPods>> + Send;
-}
+use super::stamps::Stamps;
+use super::{DesiredPods, PodSource};
 
 /// Pod manifests (`*.yaml`, `*.yml`, `*.json`) in a directory, re-read when a file changes.
 /// inotify wakes it at once; the poll interval is the fallback (and a periodic resync) for
-/// file systems where events do not arrive.
+/// file systems where events do not arrive. Gateway API objects get the
+/// `creationTimestamp` and `generation` an API server would have given them
+/// ([`Stamps`]), kept in a state directory so both survive restarts.
 pub struct ManifestDir {
     dir: PathBuf,
+    stamps: Option<Stamps>,
     poll: Duration,
     seen: BTreeMap<PathBuf, FileState>,
     first: bool,
@@ -59,8 +35,16 @@ struct FileState {
 }
 
 impl ManifestDir {
-    pub fn new(dir: impl Into<PathBuf>, poll: Duration) -> Self {
+    /// Reads `dir`, keeping object ages under `state_dir`.
+    pub fn new(dir: impl Into<PathBuf>, poll: Duration, state_dir: &Path) -> Self {
         let dir = dir.into();
+        let stamps = match Stamps::open(state_dir) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "gateway object ages cannot be kept; routes order by name only");
+                None
+            }
+        };
         let wake = Arc::new(tokio::sync::Notify::new());
         let waker = wake.clone();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -89,6 +73,7 @@ impl ManifestDir {
         };
         Self {
             dir,
+            stamps,
             poll,
             seen: BTreeMap::new(),
             first: true,
@@ -166,10 +151,10 @@ impl ManifestDir {
         changed || seen.len() != before
     }
 
-    fn desired(&self) -> DesiredPods {
+    fn desired(seen: &BTreeMap<PathBuf, FileState>) -> DesiredPods {
         let mut desired = DesiredPods::default();
         let mut owners: BTreeMap<(&str, String), &Path> = BTreeMap::new();
-        for (path, state) in &self.seen {
+        for (path, state) in seen {
             if let Some(error) = &state.error {
                 desired.errors.push(error.clone());
             }
@@ -228,17 +213,28 @@ impl PodSource for ManifestDir {
                 }
             }
             let dir = self.dir.clone();
+            let first = self.first;
             let mut seen = std::mem::take(&mut self.seen);
-            let (seen, changed) = tokio::task::spawn_blocking(move || {
+            let mut stamps = self.stamps.take();
+            // Reading files and stamping (which writes one) are blocking.
+            let (seen, stamps, desired) = tokio::task::spawn_blocking(move || {
                 let changed = Self::rescan(&dir, &mut seen);
-                (seen, changed)
+                let desired = (changed || first).then(|| {
+                    let mut desired = Self::desired(&seen);
+                    if let Some(Err(e)) = stamps.as_mut().map(|s| s.stamp(&mut desired.gateway)) {
+                        tracing::warn!(error = %e, "cannot record gateway object ages");
+                    }
+                    desired
+                });
+                (seen, stamps, desired)
             })
             .await
             .ok()?;
             self.seen = seen;
-            if changed || self.first {
+            self.stamps = stamps;
+            if let Some(desired) = desired {
                 self.first = false;
-                return Some(self.desired());
+                return Some(desired);
             }
         }
     }

@@ -1,5 +1,5 @@
-//! The Gateway API objects (and the Services and Namespaces they refer to) a node's
-//! source wants, and the metadata an API server would have given them.
+//! The metadata an API server would have given the Gateway API objects read from
+//! manifest files.
 //!
 //! Standalone, nobody sets `creationTimestamp` or `generation`, yet route precedence
 //! ("oldest first") and `observedGeneration` need both. [`Stamps`] gives each object the
@@ -10,26 +10,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use brink_proto::gateway::RouteManifest;
-use gateway_api::gatewayclasses::GatewayClass;
-use gateway_api::gateways::Gateway;
-use gateway_api::referencegrants::ReferenceGrant;
-use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-/// Everything the data plane is computed from, by key (`namespace/name`, or `name` for
-/// cluster-scoped kinds).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct GatewayObjects {
-    pub classes: BTreeMap<String, GatewayClass>,
-    pub gateways: BTreeMap<String, Gateway>,
-    pub routes: BTreeMap<String, RouteManifest>,
-    pub services: BTreeMap<String, Service>,
-    pub grants: BTreeMap<String, ReferenceGrant>,
-    pub namespaces: BTreeMap<String, Namespace>,
-}
+use super::GatewayObjects;
 
 /// One object's persisted metadata.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,22 @@
+//! Where pod status goes. A pod's worker tells the node's [`StatusSink`] each time the
+//! pod's status changes, without knowing where it ends up: a standalone node serves
+//! status from the workers' own records (its sink keeps nothing), a node joined to a
+//! site writes it through the API's `pods/status`.
+
+use k8s_openapi::api::core::v1::PodStatus;
+
+/// Receives every change of every pod's status on this node.
+pub trait StatusSink: Send + Sync + 'static {
+    /// `key` (`namespace/name`) with `uid` now has `status`. Called from pod workers: it
+    /// must return at once (a sink that writes somewhere slow queues and coalesces).
+    fn changed(&self, key: &str, uid: &str, status: &PodStatus);
+}
+
+/// The standalone node's sink: status stays in the workers' records, where the kubelet
+/// endpoint and `brink get` read it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RecordsOnly;
+
+impl StatusSink for RecordsOnly {
+    fn changed(&self, _key: &str, _uid: &str, _status: &PodStatus) {}
+}
