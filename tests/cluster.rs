@@ -1076,11 +1076,20 @@ fn kube_rs_patches_pages_and_a_reflector_that_follows_a_member_through_kill_comp
             ["a", "b", "c", "d"].map(|k| data.get(k).cloned().unwrap_or_default()),
             ["1", "2", "3", "4"]
         );
-        // Server-side apply is not built: a clear 501, not a silent difference.
-        match cms.patch("p", &PatchParams::apply("test"), &Patch::Apply(serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "p"}}))).await {
-            Err(kube::Error::Api(status)) => assert_eq!(status.code, 501, "{status:?}"),
+        // Server-side apply: "test" takes data.a from the creator only when forced, and
+        // owns what it applied.
+        let config = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "p"}, "data": {"a": "applied"}});
+        match cms.patch("p", &PatchParams::apply("test"), &Patch::Apply(&config)).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"), "{status:?}");
+                assert!(status.message.contains(".data.a"), "{status:?}");
+            }
             other => panic!("server-side apply: {other:?}"),
         }
+        let applied = cms.patch("p", &PatchParams::apply("test").force(), &Patch::Apply(&config)).await.expect("forced apply");
+        assert_eq!(applied.data.unwrap_or_default().get("a").map(String::as_str), Some("applied"));
+        let owners: Vec<_> = applied.metadata.managed_fields.unwrap_or_default().into_iter().map(|m| (m.manager.unwrap_or_default(), m.operation.unwrap_or_default())).collect();
+        assert!(owners.contains(&("test".into(), "Apply".into())), "{owners:?}");
         // Pages of two, to the end.
         for i in 0..5 {
             cms.create(&PostParams::default(), &configmap(&format!("page-{i}"))).await.expect("create");

@@ -385,6 +385,8 @@ fn session(k: &Kubectl<'_>, ns: &str) {
     let bad_label = k.fails(&["-n", ns, "label", "configmap", "cfg", "../x=y"]);
     assert!(!bad_label.is_empty());
 
+    server_side_apply(k, ns);
+
     // Selectors the server evaluates.
     let by_field = k.ok(&[
         "-n",
@@ -598,6 +600,125 @@ fn session(k: &Kubectl<'_>, ns: &str) {
         in_gone_ns.contains(&format!("namespaces \"{ns}\" not found")),
         "{in_gone_ns}"
     );
+}
+
+/// Server-side apply as kubectl drives it: create, conflicts with another manager (and
+/// with client-side apply's), `--force-conflicts`, a field dropped from the
+/// configuration, and the hand-over from client-side apply that kubectl does itself.
+fn server_side_apply(k: &Kubectl<'_>, ns: &str) {
+    let ns = &format!("{ns}-ssa");
+    k.ok(&["create", "namespace", ns]);
+    let file = k.config.with_file_name(format!("{ns}-ssa.yaml"));
+    let config = |data: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\n  labels: {{team: a}}\ndata:\n{data}"
+        )
+    };
+    let apply = |manager: &str, extra: &[&str], text: &str| {
+        std::fs::write(&file, text).expect("write config");
+        let mut args = vec![
+            "-n",
+            ns,
+            "apply",
+            "--server-side",
+            "--field-manager",
+            manager,
+            "-f",
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        k.run(&args)
+    };
+    let created = apply("ci", &[], &config("  a: \"1\"\n  b: \"2\"\n"));
+    assert!(
+        stdout(&created).contains("configmap/ssa serverside-applied"),
+        "{}{}",
+        stdout(&created),
+        stderr(&created)
+    );
+    let managers = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "cm",
+        "ssa",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={range .metadata.managedFields[*]}{.manager}/{.operation} {end}",
+    ]);
+    assert_eq!(managers.trim(), "ci/Apply");
+    // Someone else changes a field ci applied: ci's next apply of it conflicts.
+    k.ok(&[
+        "-n",
+        ns,
+        "patch",
+        "cm",
+        "ssa",
+        "-p",
+        r#"{"data":{"a":"hand"}}"#,
+    ]);
+    let conflict = apply("ci", &[], &config("  a: \"1\"\n  b: \"2\"\n"));
+    assert!(!conflict.status.success());
+    assert!(
+        stderr(&conflict).contains(
+            "Apply failed with 1 conflict: conflict with \"kubectl-patch\" using v1: .data.a"
+        ),
+        "{}",
+        stderr(&conflict)
+    );
+    assert_eq!(
+        k.ok(&["-n", ns, "get", "cm", "ssa", "-o", "jsonpath={.data.a}"]),
+        "hand",
+        "a refused apply changes nothing"
+    );
+    // Forced, it takes the field; b, dropped from the configuration and owned by no one
+    // else, goes.
+    let forced = apply("ci", &["--force-conflicts"], &config("  a: \"1\"\n"));
+    assert!(forced.status.success(), "{}", stderr(&forced));
+    assert_eq!(
+        k.ok(&["-n", ns, "get", "cm", "ssa", "-o", "jsonpath={.data}"]),
+        r#"{"a":"1"}"#
+    );
+    // Another applier sharing a value is no conflict; setting a different one is.
+    assert!(
+        apply("other", &[], &config("  a: \"1\"\n"))
+            .status
+            .success()
+    );
+    let shared = apply("other", &[], &config("  a: \"2\"\n"));
+    assert!(
+        stderr(&shared).contains("conflict with \"ci\": .data.a"),
+        "{}",
+        stderr(&shared)
+    );
+
+    // Client-side apply first, then server-side apply by kubectl's own manager: kubectl
+    // hands the fields over, so the changed value is no conflict.
+    let csa = k.config.with_file_name(format!("{ns}-csa.yaml"));
+    std::fs::write(
+        &csa,
+        config("  a: \"1\"\n").replace("name: ssa", "name: csa"),
+    )
+    .expect("write");
+    k.ok(&["-n", ns, "apply", "-f", csa.to_str().unwrap()]);
+    std::fs::write(
+        &csa,
+        config("  a: \"9\"\n").replace("name: ssa", "name: csa"),
+    )
+    .expect("write");
+    k.ok(&[
+        "-n",
+        ns,
+        "apply",
+        "--server-side",
+        "-f",
+        csa.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        k.ok(&["-n", ns, "get", "cm", "csa", "-o", "jsonpath={.data.a}"]),
+        "9"
+    );
+    k.ok(&["delete", "namespace", ns, "--wait=false"]);
 }
 
 #[test]

@@ -21,7 +21,7 @@ use super::cache::decode;
 use super::kinds::{self, Kind};
 use super::select::{FieldSelector, LabelSelector};
 use super::status::{ApiError, success};
-use super::{ApiState, discovery, openapi, patch, protobuf, table, watch};
+use super::{ApiState, discovery, managed, openapi, patch, protobuf, table, watch};
 use crate::consensus::replica::ReplicaError;
 use crate::store::{Applied, Command, Op, Refusal, StoreError};
 
@@ -39,6 +39,8 @@ const AGGREGATED_V2BETA1: &str =
 /// How many times a write that lost a compare-and-set race is tried again when the
 /// client did not pin a resourceVersion.
 const WRITE_ATTEMPTS: usize = 8;
+/// The longest field manager name kube-apiserver accepts.
+const MAX_FIELD_MANAGER: usize = 128;
 
 /// The longest deletion grace period honoured (a year; a client may ask for more).
 const MAX_GRACE_SECONDS: i64 = 365 * 24 * 3600;
@@ -437,6 +439,8 @@ pub struct Call<'a> {
     pub query: HashMap<String, String>,
     pub accept: String,
     pub content_type: String,
+    /// The `User-Agent` header: names the field manager of a write that names none.
+    pub user_agent: String,
     pub body: Bytes,
 }
 
@@ -453,6 +457,33 @@ impl Call<'_> {
                 "dryRun {other:?} is not All"
             ))),
         }
+    }
+
+    /// The field manager of a write: `fieldManager`, else the client's name from its
+    /// `User-Agent` (as kube-apiserver does: `kubectl/v1.32.0 (...)` is `kubectl`).
+    fn field_manager(&self) -> Result<String, ApiError> {
+        let manager = match self.q("fieldManager") {
+            Some(m) if !m.is_empty() => m.to_owned(),
+            _ => {
+                let agent = self.user_agent.split('/').next().unwrap_or("").trim();
+                let agent: String = agent.chars().take(MAX_FIELD_MANAGER).collect();
+                if agent.is_empty() {
+                    "unknown".to_owned()
+                } else {
+                    agent
+                }
+            }
+        };
+        if manager.len() > MAX_FIELD_MANAGER || manager.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                format!(
+                    "fieldManager: Invalid value: {manager:?}: must be at most {MAX_FIELD_MANAGER} printable characters"
+                ),
+            ));
+        }
+        Ok(manager)
     }
 
     fn wants_table(&self) -> bool {
@@ -907,10 +938,42 @@ async fn check_namespace(call: &Call<'_>, target: &Target) -> Result<(), ApiErro
 }
 
 async fn create(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiError> {
+    let object = decode_body(&call.content_type, &call.body)?;
+    create_object(call, target, object, Origin::Update).await
+}
+
+/// How a write came, for `managedFields`: an ordinary write (the writer owns what it
+/// changed) or a server-side apply (the applier owns what its configuration sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Update,
+    Apply,
+}
+
+fn writer<'a>(
+    manager: &'a str,
+    target: &'a Target,
+    api_version: &'a str,
+    now: &'a str,
+) -> managed::Writer<'a> {
+    managed::Writer {
+        manager,
+        api_version,
+        subresource: target.subresource.as_deref(),
+        now,
+    }
+}
+
+async fn create_object(
+    call: &Call<'_>,
+    target: &Target,
+    mut object: Value,
+    origin: Origin,
+) -> Result<Response<Body>, ApiError> {
     let kind = target.kind;
     let validation = FieldValidation::parse(call.q("fieldValidation"))?;
     let dry_run = call.dry_run()?;
-    let mut object = decode_body(&call.content_type, &call.body)?;
+    let manager = call.field_manager()?;
     check_identity(target, &mut object, None)?;
     let metadata = &mut object["metadata"];
     if metadata
@@ -951,7 +1014,28 @@ async fn create(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiE
         }
     }
     reset_status_on_create(kind, &mut object);
+    // An applier owns what it sent, not what defaulting adds; a creator owns it all.
+    let applied = (origin == Origin::Apply).then(|| managed::fields_of(&object));
     let (mut object, warnings) = admit(kind, object, validation)?;
+    let now = now_rfc3339();
+    let api_version = kind.api_version();
+    let w = writer(&manager, target, &api_version, &now);
+    let entries = match applied {
+        Some(fields) => vec![managed::Entry {
+            manager: manager.clone(),
+            operation: "Apply".into(),
+            api_version: api_version.clone(),
+            time: Some(now.clone()),
+            subresource: None,
+            fields,
+        }],
+        None => {
+            let mut entries = Vec::new();
+            managed::track_update(&mut entries, &w, &json!({}), &object);
+            entries
+        }
+    };
+    managed::store(&mut object, &entries);
     let name = name_of(&object);
     check_namespace(call, target).await?;
     let key = kind.key(
@@ -1011,6 +1095,10 @@ fn merge_update(
         Some("status") => {
             // A status write changes status only.
             let mut merged = old.clone();
+            // Ownership travels with a status write (server-side apply of status).
+            if let Some(fields) = new.pointer("/metadata/managedFields") {
+                merged["metadata"]["managedFields"] = fields.clone();
+            }
             match new.get("status") {
                 Some(status) => merged["status"] = status.clone(),
                 None => {
@@ -1101,17 +1189,20 @@ async fn read_modify_write(
     call: &Call<'_>,
     target: &Target,
     change: impl Fn(&Value) -> Result<Value, ApiError>,
-    create_if_missing: bool,
+    origin: Origin,
+    create_if_missing: Option<&Value>,
 ) -> Result<Response<Body>, ApiError> {
     let kind = target.kind;
     let name = target.name.as_deref().unwrap_or("");
     let key = kind.key(target.namespace.as_deref(), name);
     let validation = FieldValidation::parse(call.q("fieldValidation"))?;
     let dry_run = call.dry_run()?;
+    let manager = call.field_manager()?;
+    let api_version = kind.api_version();
     for _ in 0..WRITE_ATTEMPTS {
         let Some((old, old_revision)) = read_object(call.state, &key).await? else {
-            if create_if_missing {
-                return create(call, target).await;
+            if let Some(object) = create_if_missing {
+                return create_object(call, target, object.clone(), origin).await;
             }
             return Err(ApiError::not_found(kind, name));
         };
@@ -1134,6 +1225,17 @@ async fn read_modify_write(
         }
         let merged = merge_update(kind, target.subresource.as_deref(), &old, new)?;
         let (mut merged, warnings) = admit(kind, merged, validation)?;
+        if origin == Origin::Update {
+            let now = now_rfc3339();
+            let mut entries = ownership_before(kind, name, &old, &merged)?;
+            managed::track_update(
+                &mut entries,
+                &writer(&manager, target, &api_version, &now),
+                &old,
+                &merged,
+            );
+            managed::store(&mut merged, &entries);
+        }
         if dry_run {
             set_rv(&mut merged, old_revision);
             return Ok(respond_object(call, target, 200, &merged, &warnings));
@@ -1173,13 +1275,126 @@ async fn read_modify_write(
     Err(ApiError::modified(kind, name))
 }
 
+/// The ownership an ordinary write starts from: the stored object's, or what the client
+/// wrote into `managedFields` when it changed them (kubectl does, to hand fields from
+/// client-side to server-side apply). `[{}]` clears them, as in Kubernetes.
+fn ownership_before(
+    kind: &Kind,
+    name: &str,
+    old: &Value,
+    new: &Value,
+) -> Result<Vec<managed::Entry>, ApiError> {
+    let incoming = new.pointer("/metadata/managedFields");
+    let stored = old.pointer("/metadata/managedFields");
+    let given = incoming
+        .filter(|i| *i != stored.unwrap_or(&Value::Null))
+        .filter(|i| i.as_array().is_none_or(|a| !a.is_empty()));
+    match given {
+        Some(list) if *list == json!([{}]) => Ok(Vec::new()),
+        Some(_) => managed::entries(new).map_err(|e| {
+            ApiError::invalid_field(kind, name, "metadata.managedFields", &e.to_string())
+        }),
+        None => Ok(managed::entries(old).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "stored managedFields unreadable; starting afresh");
+            Vec::new()
+        })),
+    }
+}
+
 async fn update(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiError> {
     let body = decode_body(&call.content_type, &call.body)?;
     // PUT creates a missing object only for kinds Kubernetes allows it for; Brink does
     // for none but leases and events, which clients upsert.
     let upsert =
         matches!(target.kind.resource, "leases" | "events") && target.subresource.is_none();
-    read_modify_write(call, target, |_| Ok(body.clone()), upsert).await
+    read_modify_write(
+        call,
+        target,
+        |_| Ok(body.clone()),
+        Origin::Update,
+        upsert.then_some(&body),
+    )
+    .await
+}
+
+/// Server-side apply: the body is the manager's whole configuration of the object.
+async fn apply_patch(
+    call: &Call<'_>,
+    target: &Target,
+    text: &str,
+) -> Result<Response<Body>, ApiError> {
+    let kind = target.kind;
+    let name = target.name.clone().unwrap_or_default();
+    if call.q("fieldManager").is_none_or(str::is_empty) {
+        return Err(ApiError::bad_request(
+            "PATCH, application/apply-patch+yaml: fieldManager is required for apply requests",
+        ));
+    }
+    let force = match call.q("force") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "force {other:?} is not true or false"
+            )));
+        }
+    };
+    let yaml: serde_yaml::Value = serde_yaml::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("the apply configuration is not YAML: {e}")))?;
+    let mut config = serde_json::to_value(yaml).map_err(|e| {
+        ApiError::bad_request(format!("the apply configuration is not an object: {e}"))
+    })?;
+    if !config.is_object()
+        || config.get("apiVersion").and_then(Value::as_str).is_none()
+        || config.get("kind").and_then(Value::as_str).is_none()
+    {
+        return Err(ApiError::bad_request(
+            "the apply configuration must be an object with apiVersion and kind",
+        ));
+    }
+    check_identity(target, &mut config, Some(&name))?;
+    if config.pointer("/metadata/managedFields").is_some() {
+        return Err(ApiError::bad_request(
+            "metadata.managedFields must be nil in an apply configuration",
+        ));
+    }
+    let manager = call.field_manager()?;
+    let api_version = kind.api_version();
+    let subresource = target.subresource.clone();
+    let change = |old: &Value| {
+        let mut live = old.clone();
+        if let Some(m) = live.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        let mut entries = managed::entries(old).unwrap_or_default();
+        let now = now_rfc3339();
+        let w = managed::Writer {
+            manager: &manager,
+            api_version: &api_version,
+            subresource: subresource.as_deref(),
+            now: &now,
+        };
+        let mut merged = match managed::apply(&live, &config, &mut entries, &w, force) {
+            // kubectl moving an object from client-side to server-side apply takes the
+            // fields its last client-side configuration set, as kube-apiserver lets it.
+            Err(conflicts) if manager == "kubectl" => {
+                let taken = managed::taken_over_from_client_side_apply(old, &api_version);
+                match taken {
+                    Some(taken) if conflicts.0.iter().all(|(_, p)| taken.contains(p)) => {
+                        managed::apply(&live, &config, &mut entries, &w, true)
+                    }
+                    _ => Err(conflicts),
+                }
+            }
+            other => other,
+        }
+        .map_err(|c| ApiError::apply_conflict(kind, &name, &c))?;
+        managed::store(&mut merged, &entries);
+        Ok(merged)
+    };
+    // Applying to a missing object creates it (not through a subresource).
+    let create = subresource.is_none().then_some(&config);
+    read_modify_write(call, target, change, Origin::Apply, create).await
 }
 
 async fn patch_object(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiError> {
@@ -1198,9 +1413,12 @@ async fn patch_object(call: &Call<'_>, target: &Target) -> Result<Response<Body>
         "application/json-patch+json" => patch::json_patch,
         "application/merge-patch+json" => patch::merge_patch,
         "application/strategic-merge-patch+json" => patch::strategic_merge_patch,
-        "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
-            return Err(ApiError::not_implemented(
-                "server-side apply is not implemented in Brink yet: use kubectl apply without --server-side",
+        "application/apply-patch+yaml" => return apply_patch(call, target, text).await,
+        _ if call.q("force").is_some() => {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                "PatchOptions.meta.k8s.io \"\" is invalid: force: Forbidden: may not be specified for non-apply patch",
             ));
         }
         other => {
@@ -1221,10 +1439,6 @@ async fn patch_object(call: &Call<'_>, target: &Target) -> Result<Response<Body>
         target,
         move |old| {
             let mut doc = old.clone();
-            // A patch that does not name a resourceVersion does not pin one.
-            if let Some(m) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
-                m.remove("resourceVersion");
-            }
             apply(&mut doc, &body).map_err(|e| {
                 ApiError::new(
                     422,
@@ -1232,9 +1446,19 @@ async fn patch_object(call: &Call<'_>, target: &Target) -> Result<Response<Body>
                     format!("{} {name:?} is invalid: {e}", kind.kind),
                 )
             })?;
+            // The patch sees the stored resourceVersion (JSON patches `test` it, kubectl's
+            // managedFields upgrade `replace`s it); it pins one only by changing it, so a
+            // patch that leaves it alone is retried on a newer object.
+            let stored = old.pointer("/metadata/resourceVersion");
+            if doc.pointer("/metadata/resourceVersion") == stored
+                && let Some(m) = doc.get_mut("metadata").and_then(Value::as_object_mut)
+            {
+                m.remove("resourceVersion");
+            }
             Ok(doc)
         },
-        false,
+        Origin::Update,
+        None,
     )
     .await
 }
@@ -1643,6 +1867,12 @@ async fn serve_request_in_span(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    let user_agent = parts
+        .headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let mutating = !matches!(parts.method, Method::GET | Method::HEAD);
     let method = parts.method.clone();
     let kind = target.kind.qualified();
@@ -1656,6 +1886,7 @@ async fn serve_request_in_span(
             query,
             accept,
             content_type,
+            user_agent,
             body,
         },
         target,

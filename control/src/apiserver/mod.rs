@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod gc;
 pub mod handler;
 pub mod kinds;
+pub mod managed;
 pub mod openapi;
 pub mod patch;
 pub mod protobuf;

@@ -192,6 +192,21 @@ impl ApiError {
     }
 
     /// What Brink does not do: said plainly, never a silent difference.
+    /// A server-side apply that would change fields other managers own.
+    pub fn apply_conflict(kind: &Kind, name: &str, conflicts: &super::managed::Conflicts) -> Self {
+        let mut e = Self::new(409, "Conflict", conflicts.message()).about(kind, name);
+        e.details.causes = conflicts
+            .0
+            .iter()
+            .map(|(manager, path)| Cause {
+                reason: "FieldManagerConflict",
+                field: super::managed::Printed(path).to_string(),
+                message: format!("conflict with {manager}"),
+            })
+            .collect();
+        e
+    }
+
     pub fn not_implemented(message: impl Into<String>) -> Self {
         Self::new(501, "NotImplemented", message)
     }
