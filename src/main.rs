@@ -7,6 +7,7 @@ mod probe_cmd;
 mod server_cmd;
 mod store_cmd;
 mod table;
+mod token_cmd;
 
 use std::path::PathBuf;
 
@@ -80,6 +81,8 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     brink_node::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

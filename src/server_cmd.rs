@@ -13,7 +13,10 @@ use brink_control::settings::{MemberSettings, ReplicaSettings, TransportSettings
 use clap::Args;
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
+    #[command(subcommand)]
+    pub command: Option<crate::token_cmd::ServerCommand>,
     /// Bootstrap a new cluster with this member as its only voter (the data directory
     /// must be new). Writes the site CA, an admin credential and a join token under
     /// DATA_DIR/pki.
@@ -93,7 +96,10 @@ pub struct ServerArgs {
     wal_bytes: u64,
 }
 
-pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
+pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
+    if let Some(command) = args.command.take() {
+        return crate::token_cmd::run(command).await;
+    }
     let advertise = match &args.advertise_peer {
         Some(a) => a.clone(),
         None if args.peer_listen.ip().is_unspecified() => anyhow::bail!(

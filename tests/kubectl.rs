@@ -890,6 +890,110 @@ fn the_api_refuses_strangers_and_enforces_rbac() {
             .trim(),
         "configmap/menu"
     );
+
+    // Bootstrap tokens: a Secret in kube-system makes a user in system:bootstrappers
+    // (nothing is bound to it here, so the 403 names it); a wrong secret, an expired
+    // token, or a token not meant for authentication is nobody.
+    let bootstrap = |id: &str, secret: &str, expiration: &str, usage: &str| {
+        admin.ok(&[
+            "-n",
+            "kube-system",
+            "create",
+            "secret",
+            "generic",
+            &format!("bootstrap-token-{id}"),
+            "--type=bootstrap.kubernetes.io/token",
+            &format!("--from-literal=token-id={id}"),
+            &format!("--from-literal=token-secret={secret}"),
+            &format!("--from-literal=expiration={expiration}"),
+            &format!("--from-literal=usage-bootstrap-authentication={usage}"),
+            "--from-literal=auth-extra-groups=system:bootstrappers:brink:default-node-token",
+        ]);
+    };
+    bootstrap("abcdef", "0123456789abcdef", "2099-01-01T00:00:00Z", "true");
+    bootstrap("expire", "0123456789abcdef", "2001-01-01T00:00:00Z", "true");
+    bootstrap(
+        "unused",
+        "0123456789abcdef",
+        "2099-01-01T00:00:00Z",
+        "false",
+    );
+    let as_bootstrap = wait_for("the token's Secret to reach the cache", || {
+        let err = stranger.fails(&["--token", "abcdef.0123456789abcdef", "get", "pods"]);
+        (!err.contains("Unauthorized") && !err.contains("provide credentials")).then_some(err)
+    });
+    assert!(
+        as_bootstrap.contains("User \"system:bootstrap:abcdef\" cannot list resource \"pods\""),
+        "{as_bootstrap}"
+    );
+    for token in [
+        "abcdef.0123456789abcdee",
+        "expire.0123456789abcdef",
+        "unused.0123456789abcdef",
+        "ABCDEF.0123456789abcdef",
+    ] {
+        let refused = stranger.fails(&["--token", token, "get", "pods"]);
+        assert!(
+            refused.contains("Unauthorized") || refused.contains("provide credentials"),
+            "{token}: {refused}"
+        );
+    }
+
+    // `brink server token` makes them as kubeadm does: create prints the token and the
+    // join command with the CA pin; list hides secrets; delete ends the token.
+    let dir = site.dir.to_str().expect("utf-8 path");
+    let created = brink(&[
+        "server",
+        "token",
+        "create",
+        "--data-dir",
+        dir,
+        "--ttl",
+        "1h",
+        "--description",
+        "shop 7",
+        "--print-join-command",
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let printed = stdout(&created);
+    let mut lines = printed.lines();
+    let token = lines.next().unwrap_or_default().to_owned();
+    let join = lines.next().unwrap_or_default();
+    assert!(
+        join.starts_with(&format!(
+            "brink node --server https://{} --token {token} --discovery-token-ca-cert-hash sha256:",
+            site.api
+        )),
+        "{printed}"
+    );
+    let id = token.split('.').next().unwrap_or_default().to_owned();
+    let as_node = wait_for("the new token to authenticate", || {
+        let err = stranger.fails(&["--token", &token, "get", "pods"]);
+        err.contains(&format!("system:bootstrap:{id}"))
+            .then_some(err)
+    });
+    assert!(as_node.contains("forbidden"), "{as_node}");
+    let listed = stdout(&brink(&["server", "token", "list", "--data-dir", dir]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&format!("{id}.<hidden>")) && l.contains("shop 7")),
+        "{listed}"
+    );
+    assert!(!listed.contains(&token), "list shows no secret: {listed}");
+    let deleted = brink(&["server", "token", "delete", "--data-dir", dir, &id]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    wait_for("the deleted token to stop working", || {
+        let err = stranger.fails(&["--token", &token, "get", "pods"]);
+        (err.contains("Unauthorized") || err.contains("provide credentials")).then_some(())
+    });
+    let bad = brink(&["server", "token", "delete", "--data-dir", dir, "NOPE"]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("is not a token ID"),
+        "{}",
+        stderr(&bad)
+    );
 }
 
 #[test]

@@ -22,3 +22,4 @@ pub mod peers;
 pub mod settings;
 pub mod store;
 pub mod store_api;
+pub mod tokens;

@@ -213,9 +213,22 @@ pub fn admit(
             })?
         }
         ("", "Secret") => {
-            typed::<core::Secret>(value, kind, brink_proto::config::validate_secret, |o| {
-                &mut o.metadata
-            })?
+            typed::<core::Secret>(
+                value,
+                kind,
+                |secret| {
+                    // `stringData` is write-only: it lands in `data`, winning over it, as
+                    // kube-apiserver stores it.
+                    if let Some(strings) = secret.string_data.take() {
+                        let data = secret.data.get_or_insert_with(Default::default);
+                        for (k, v) in strings {
+                            data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+                        }
+                    }
+                    brink_proto::config::validate_secret(secret)
+                },
+                |o| &mut o.metadata,
+            )?
         }
         ("", "Event") => plain!(core::Event)?,
         ("", "ServiceAccount") => plain!(core::ServiceAccount)?,

@@ -1,5 +1,5 @@
 //! Who is asking, and may they: authentication (client certificates under the site CA,
-//! bearer tokens from a static token file) and authorization (RBAC evaluated as
+//! bearer tokens from a static token file, bootstrap tokens from `kube-system` Secrets) and authorization (RBAC evaluated as
 //! Kubernetes evaluates it, over the Roles, ClusterRoles and bindings in the watch cache,
 //! with `system:masters` allowed everything as in Kubernetes).
 //!
@@ -130,6 +130,81 @@ impl Tokens {
     pub fn find(&self, token: &str) -> Option<&User> {
         self.0.get(token)
     }
+}
+
+/// The group every bootstrap token's user is in.
+pub const BOOTSTRAPPERS: &str = "system:bootstrappers";
+
+/// The user a Kubernetes bootstrap token (`abcdef.0123456789abcdef`) names, from its
+/// Secret `kube-system/bootstrap-token-<id>` as kube-apiserver's bootstrap authenticator
+/// reads it: type `bootstrap.kubernetes.io/token`, `usage-bootstrap-authentication:
+/// "true"`, the secret matching, not expired and not being deleted. The user is
+/// `system:bootstrap:<id>` in `system:bootstrappers` and the Secret's
+/// `auth-extra-groups` (each under `system:bootstrappers:`).
+pub fn bootstrap_user(cache: &Cache, token: &str, now: jiff::Timestamp) -> Option<User> {
+    let (id, secret) = parse_bootstrap_token(token)?;
+    let secrets = super::kinds::find("", "v1", "secrets")?;
+    let object = cache.get(&secrets.key(Some("kube-system"), &format!("bootstrap-token-{id}")))?;
+    if object.get("type").and_then(Value::as_str) != Some("bootstrap.kubernetes.io/token")
+        || object.pointer("/metadata/deletionTimestamp").is_some()
+    {
+        return None;
+    }
+    let field = |name: &str| -> Option<String> {
+        use base64::Engine as _;
+        let encoded = object.pointer(&format!("/data/{name}"))?.as_str()?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()?;
+        String::from_utf8(bytes).ok()
+    };
+    if field("token-id").as_deref() != Some(id)
+        || !same_secret(field("token-secret")?.as_bytes(), secret.as_bytes())
+        || field("usage-bootstrap-authentication").as_deref() != Some("true")
+    {
+        return None;
+    }
+    if let Some(expiration) = field("expiration") {
+        // An expiration that does not parse is treated as expired, as Kubernetes does.
+        let at: jiff::Timestamp = expiration.parse().ok()?;
+        if at <= now {
+            return None;
+        }
+    }
+    let mut groups = vec![BOOTSTRAPPERS.to_owned()];
+    for extra in field("auth-extra-groups").unwrap_or_default().split(',') {
+        let extra = extra.trim();
+        if extra.is_empty() {
+            continue;
+        }
+        // A group outside the bootstrappers' namespace invalidates the token.
+        extra.strip_prefix("system:bootstrappers:")?;
+        groups.push(extra.to_owned());
+    }
+    Some(
+        User {
+            name: format!("system:bootstrap:{id}"),
+            uid: String::new(),
+            groups,
+        }
+        .with_authenticated(),
+    )
+}
+
+/// Splits `[a-z0-9]{6}.[a-z0-9]{16}` into id and secret.
+pub fn parse_bootstrap_token(token: &str) -> Option<(&str, &str)> {
+    let (id, secret) = token.split_once('.')?;
+    let ok = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    (ok(id, 6) && ok(secret, 16)).then_some((id, secret))
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// What a request asks to do, as RBAC sees it.
@@ -366,6 +441,29 @@ mod tests {
             }),
             path: "",
         }
+    }
+
+    #[test]
+    fn bootstrap_tokens_have_kubeadms_shape() {
+        assert_eq!(
+            parse_bootstrap_token("abcdef.0123456789abcdef"),
+            Some(("abcdef", "0123456789abcdef"))
+        );
+        for bad in [
+            "abcdef0123456789abcdef",
+            "abcde.0123456789abcdef",
+            "abcdef.0123456789abcde",
+            "ABCDEF.0123456789abcdef",
+            "abcdef.0123456789abcdeF",
+            "abc-ef.0123456789abcdef",
+            "abcdef.0123456789abcdef.x",
+            "",
+        ] {
+            assert_eq!(parse_bootstrap_token(bad), None, "{bad}");
+        }
+        assert!(same_secret(b"0123", b"0123"));
+        assert!(!same_secret(b"0123", b"0124"));
+        assert!(!same_secret(b"0123", b"012"));
     }
 
     #[test]

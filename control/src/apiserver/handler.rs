@@ -1811,7 +1811,12 @@ async fn serve_request_in_span(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .and_then(|t| state.tokens.find(t.trim()).cloned())
+            .map(str::trim)
+            .and_then(|t| {
+                state.tokens.find(t).cloned().or_else(|| {
+                    super::auth::bootstrap_user(&state.cache, t, jiff::Timestamp::now())
+                })
+            })
     }) {
         Some(user) => user,
         None if public => User {

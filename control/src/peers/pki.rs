@@ -128,6 +128,11 @@ impl SiteCa {
         &self.key_pem
     }
 
+    /// The CA certificate, DER-encoded.
+    pub fn cert_der(&self) -> &[u8] {
+        self.cert_der.as_ref()
+    }
+
     /// The SHA-256 of the CA certificate, which join tokens pin.
     pub fn hash(&self) -> [u8; 32] {
         Sha256::digest(self.cert_der.as_ref()).into()
