@@ -233,6 +233,7 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         tokens,
+        Some(running.pki.ca.clone()),
     );
     if let Some(path) = &kubeconfig {
         eprintln!(

@@ -981,6 +981,103 @@ fn the_api_refuses_strangers_and_enforces_rbac() {
         "{listed}"
     );
     assert!(!listed.contains(&token), "list shows no secret: {listed}");
+
+    // TLS bootstrap as a kubelet does it: with the token, ask for a client certificate;
+    // Brink approves and signs it, and the certificate then names the node.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "system:node:shop-7");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:nodes");
+    let request = params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    use base64::Engine as _;
+    let csr = format!(
+        "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: node-csr-shop-7\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, client auth]\n  request: {}\n",
+        base64::engine::general_purpose::STANDARD.encode(&request)
+    );
+    let asked = stranger.run_with_stdin(&["--token", &token, "create", "-f", "-"], Some(&csr));
+    assert!(asked.status.success(), "{}", stderr(&asked));
+    let signed = wait_for("the request to be approved and signed", || {
+        let table = admin.ok(&["get", "csr"]);
+        let row: Vec<String> = row(&table, "node-csr-shop-7")
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        (row.last().map(String::as_str) == Some("Approved,Issued")).then_some((table, row))
+    });
+    assert_eq!(
+        header(&signed.0),
+        [
+            "NAME",
+            "AGE",
+            "SIGNERNAME",
+            "REQUESTOR",
+            "REQUESTEDDURATION",
+            "CONDITION"
+        ]
+    );
+    assert_eq!(signed.1[3], format!("system:bootstrap:{id}"));
+    let certificate = admin.ok(&[
+        "get",
+        "csr",
+        "node-csr-shop-7",
+        "-o",
+        "jsonpath={.status.certificate}",
+    ]);
+    let certificate = base64::engine::general_purpose::STANDARD
+        .decode(certificate.trim())
+        .expect("base64 certificate");
+    let cert_file = tmp.path().join("node.crt");
+    let key_file = tmp.path().join("node.key");
+    std::fs::write(&cert_file, &certificate).expect("cert");
+    std::fs::write(&key_file, key.serialize_pem()).expect("key");
+    let as_node = stranger.fails(&[
+        "--client-certificate",
+        cert_file.to_str().unwrap(),
+        "--client-key",
+        key_file.to_str().unwrap(),
+        "get",
+        "secrets",
+        "-n",
+        "kube-system",
+    ]);
+    assert!(
+        as_node.contains("User \"system:node:shop-7\" cannot list resource \"secrets\""),
+        "{as_node}"
+    );
+    // A request for a subject other than a node's is left pending.
+    let mut admin_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    admin_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "brink-admin");
+    admin_params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "system:masters");
+    let sneaky = admin_params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    let sneaky_csr = csr.replace("node-csr-shop-7", "sneaky").replace(
+        &base64::engine::general_purpose::STANDARD.encode(&request),
+        &base64::engine::general_purpose::STANDARD.encode(&sneaky),
+    );
+    let asked =
+        stranger.run_with_stdin(&["--token", &token, "create", "-f", "-"], Some(&sneaky_csr));
+    assert!(asked.status.success(), "{}", stderr(&asked));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        row(&admin.ok(&["get", "csr"]), "sneaky").last().copied(),
+        Some("Pending")
+    );
+
     let deleted = brink(&["server", "token", "delete", "--data-dir", dir, &id]);
     assert!(deleted.status.success(), "{}", stderr(&deleted));
     wait_for("the deleted token to stop working", || {

@@ -419,6 +419,17 @@ pub fn default_rbac() -> Vec<Value> {
             "system:discovery",
             json!([{"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/", "/healthz", "/livez", "/readyz"], "verbs": ["get"]}]),
         ),
+        // Nodes joining with a token Brink made may ask for their certificates (the
+        // approval is Brink's: see `certificates`), as kubeadm binds its bootstrappers.
+        role(
+            "system:node-bootstrapper",
+            json!([{"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]}]),
+        ),
+        binding(
+            "brink:node-bootstrap",
+            "system:node-bootstrapper",
+            crate::tokens::NODE_TOKEN_GROUP,
+        ),
         binding("cluster-admin", "cluster-admin", MASTERS),
         binding("system:discovery", "system:discovery", AUTHENTICATED),
     ]

@@ -1014,6 +1014,15 @@ async fn create_object(
         }
     }
     reset_status_on_create(kind, &mut object);
+    if kind.group == "certificates.k8s.io" && object["spec"].is_object() {
+        // Who asks is the requester, whatever the body says (the approver trusts it).
+        object["spec"]["username"] = json!(call.user.name);
+        object["spec"]["uid"] = json!(call.user.uid);
+        object["spec"]["groups"] = json!(call.user.groups);
+        if let Some(spec) = object["spec"].as_object_mut() {
+            spec.remove("extra");
+        }
+    }
     // An applier owns what it sent, not what defaulting adds; a creator owns it all.
     let applied = (origin == Origin::Apply).then(|| managed::fields_of(&object));
     let (mut object, warnings) = admit(kind, object, validation)?;
@@ -1145,6 +1154,10 @@ fn merge_update(
                 }
             }
         }
+    }
+    if kind.group == "certificates.k8s.io" {
+        // A request's spec (what is asked, and who asked) never changes.
+        new["spec"] = old.get("spec").cloned().unwrap_or(Value::Null);
     }
     if kind.has_spec && spec_part(&new) != spec_part(old) {
         let generation = old

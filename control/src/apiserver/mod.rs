@@ -6,12 +6,15 @@
 //!
 //! Owns request handling, admission and the watch cache; it reaches the store only
 //! through the replica (writes are raft proposals, reads follow a ReadIndex round) and
-//! never touches raft, the log or peers. Not built yet, and answered with a clear error:
-//! server-side apply and the scale subresource's writes.
+//! never touches raft, the log or peers. On the leader it also runs what kube-apiserver
+//! and the controller manager keep the API itself working with: namespace deletion,
+//! garbage collection ([`gc`]) and nodes' certificates ([`certificates`]). Not built
+//! yet, and answered with a clear error: the scale subresource's writes.
 
 pub mod admit;
 pub mod auth;
 pub mod cache;
+pub mod certificates;
 pub mod discovery;
 pub mod gc;
 pub mod handler;
@@ -73,6 +76,10 @@ pub struct ApiServerSettings {
     /// How often the leader's garbage collector sweeps when nothing wakes it (every
     /// deletion does; the interval catches objects created for owners already gone).
     pub gc_interval: Duration,
+    /// How often the leader looks for nodes' certificate requests to approve and sign.
+    pub certificate_sweep: Duration,
+    /// How many days the certificates signed for nodes are valid (nodes renew before).
+    pub node_certificate_days: i32,
     pub cache: CacheSettings,
 }
 
@@ -93,6 +100,8 @@ impl Default for ApiServerSettings {
             cache_wait: Duration::from_secs(10),
             namespace_sweep: Duration::from_secs(2),
             gc_interval: Duration::from_secs(10),
+            certificate_sweep: Duration::from_secs(1),
+            node_certificate_days: 365,
             cache: CacheSettings::default(),
         }
     }
@@ -113,6 +122,9 @@ pub struct ApiState {
     /// The system namespaces and default RBAC exist (`/readyz` waits for it, as
     /// kube-apiserver's waits for its bootstrap hooks).
     pub bootstrapped: std::sync::atomic::AtomicBool,
+    /// The site CA, which signs nodes' certificate requests (None: requests stay
+    /// unsigned).
+    pub signer: Option<crate::peers::pki::SiteCa>,
 }
 
 /// Why the API server could not start.
@@ -152,6 +164,7 @@ pub fn start(
     replica: Arc<Replica>,
     settings: ApiServerSettings,
     tokens: Tokens,
+    signer: Option<crate::peers::pki::SiteCa>,
 ) -> RunningApiServer {
     let cache = Cache::new(settings.cache.clone());
     let state = Arc::new(ApiState {
@@ -164,6 +177,7 @@ pub fn start(
         namespace_deleted: tokio::sync::Notify::new(),
         gc_wake: tokio::sync::Notify::new(),
         bootstrapped: std::sync::atomic::AtomicBool::new(false),
+        signer,
     });
     let mut tls = tls;
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -173,6 +187,7 @@ pub fn start(
         tokio::spawn(bootstrap(state.clone())),
         tokio::spawn(namespace_sweeper(state.clone())),
         tokio::spawn(garbage_collector(state.clone())),
+        tokio::spawn(certificate_controller(state.clone())),
     ];
     RunningApiServer { state, tasks }
 }
@@ -335,6 +350,19 @@ async fn garbage_collector(state: Arc<ApiState>) {
             if gc::collect(&state).await == 0 {
                 break;
             }
+        }
+    }
+}
+
+/// On the leader: approves and signs nodes' certificate requests (see [`certificates`]).
+async fn certificate_controller(state: Arc<ApiState>) {
+    let Some(ca) = state.signer.clone() else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(state.settings.certificate_sweep).await;
+        if state.replica.is_leader() && state.cache.is_ready() {
+            certificates::sweep(&state, &ca).await;
         }
     }
 }

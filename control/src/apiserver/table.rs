@@ -583,6 +583,68 @@ fn columns_and_cells(kind: &Kind, object: &Value) -> (Vec<Column>, Vec<Value>) {
                 json!(s(object, "/message")),
             ],
         ),
+        ("certificates.k8s.io", "certificatesigningrequests") => {
+            let mut condition: Vec<String> = object
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("type").and_then(Value::as_str).map(str::to_owned))
+                .collect();
+            if object.pointer("/status/certificate").is_some() {
+                condition.push("Issued".into());
+            }
+            let condition = if condition.is_empty() {
+                "Pending".to_owned()
+            } else {
+                condition.join(",")
+            };
+            let duration = object
+                .pointer("/spec/expirationSeconds")
+                .and_then(Value::as_u64)
+                .map(|secs| match secs {
+                    s if s % 3600 == 0 => format!("{}h", s / 3600),
+                    s if s % 60 == 0 => format!("{}m", s / 60),
+                    s => format!("{s}s"),
+                })
+                .unwrap_or_else(|| "<none>".into());
+            (
+                vec![
+                    NAME,
+                    AGE,
+                    ("SignerName", "string", "", 0, "The name of the signer"),
+                    (
+                        "Requestor",
+                        "string",
+                        "",
+                        0,
+                        "The user who asked for the certificate",
+                    ),
+                    (
+                        "RequestedDuration",
+                        "string",
+                        "",
+                        0,
+                        "How long the certificate was asked to be valid",
+                    ),
+                    (
+                        "Condition",
+                        "string",
+                        "",
+                        0,
+                        "Approved, Denied, Failed, Issued or Pending",
+                    ),
+                ],
+                vec![
+                    name,
+                    created,
+                    json!(s(object, "/spec/signerName")),
+                    json!(s(object, "/spec/username")),
+                    json!(duration),
+                    json!(condition),
+                ],
+            )
+        }
         _ => (vec![NAME, AGE], vec![name, created]),
     }
 }

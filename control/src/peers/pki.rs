@@ -133,6 +133,55 @@ impl SiteCa {
         self.cert_der.as_ref()
     }
 
+    /// Signs a PKCS#10 request (PEM) whose signature checks out, for `subject` (CN and O
+    /// as the request has them, already checked by the caller), `dns`/`ips` as subject
+    /// alternative names, `server` or client usage, valid from yesterday to `until`
+    /// (year, month, day). Nothing else the request asks for is honoured.
+    pub fn sign_request(
+        &self,
+        request_pem: &str,
+        common_name: &str,
+        organizations: &[String],
+        names: (Vec<String>, Vec<std::net::IpAddr>),
+        server: bool,
+        valid: ((i32, u8, u8), (i32, u8, u8)),
+    ) -> Result<String, PkiError> {
+        let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)?;
+        let mut params = rcgen::CertificateParams::new(names.0)?;
+        for ip in names.1 {
+            params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+        }
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        for o in organizations {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, o.as_str());
+        }
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![if server {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        params.use_authority_key_identifier_extension = true;
+        let ((y0, m0, d0), (y1, m1, d1)) = valid;
+        params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+        params.not_after = rcgen::date_time_ymd(y1, m1, d1);
+        let ca_key = rcgen::KeyPair::from_pem(&self.key_pem)?;
+        let issuer = rcgen::Issuer::new(ca_params()?, ca_key);
+        let signed = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: request.public_key,
+        }
+        .signed_by(&issuer)?;
+        Ok(signed.pem())
+    }
+
     /// The SHA-256 of the CA certificate, which join tokens pin.
     pub fn hash(&self) -> [u8; 32] {
         Sha256::digest(self.cert_der.as_ref()).into()
