@@ -52,6 +52,9 @@ pub struct ServerArgs {
     /// Most open watches on this member's Kubernetes API.
     #[arg(long, default_value_t = 8192)]
     api_max_watches: usize,
+    /// How many days the certificates signed for nodes are valid (they renew before).
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i32).range(1..=3650))]
+    node_certificate_days: i32,
     /// Where the QUIC endpoint for other members listens (UDP).
     #[arg(long, default_value = "127.0.0.1:2380")]
     peer_listen: SocketAddr,
@@ -230,6 +233,7 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
             advertise: advertise_api.clone(),
             max_connections: args.api_max_connections,
             max_watches: args.api_max_watches,
+            node_certificate_days: args.node_certificate_days,
             ..Default::default()
         },
         tokens,
