@@ -177,6 +177,11 @@ fn walk(value: &Value, field: Option<&str>, path: &mut Path, set: &mut FieldSet)
     }
 }
 
+/// Whether a set's item is the one a `v:` path element names.
+fn is_value(item: &Value, encoded: &str) -> bool {
+    serde_json::from_str::<Value>(encoded).is_ok_and(|v| v == *item)
+}
+
 /// The value at `path`, if the object has one.
 pub fn value_at<'a>(object: &'a Value, path: &[Element]) -> Option<&'a Value> {
     let mut here = object;
@@ -197,7 +202,7 @@ pub fn value_at<'a>(object: &'a Value, path: &[Element]) -> Option<&'a Value> {
             }
             Element::Value(v) => {
                 field = None;
-                here.as_array()?.iter().find(|i| i.to_string() == *v)?
+                here.as_array()?.iter().find(|i| is_value(i, v))?
             }
         };
     }
@@ -659,7 +664,7 @@ fn remove_at(object: &mut Value, path: &[Element]) {
         }
         Element::Value(v) => {
             if let Some(items) = parent.as_array_mut() {
-                items.retain(|i| i.to_string() != *v);
+                items.retain(|i| !is_value(i, v));
             }
         }
     }
@@ -684,9 +689,7 @@ fn value_at_mut<'a>(object: &'a mut Value, path: &[Element]) -> Option<&'a mut V
             }
             Element::Value(v) => {
                 field = None;
-                here.as_array_mut()?
-                    .iter_mut()
-                    .find(|i| i.to_string() == *v)?
+                here.as_array_mut()?.iter_mut().find(|i| is_value(i, v))?
             }
         };
     }
