@@ -249,9 +249,96 @@ impl NodeFlags {
 pub struct NodeArgs {
     /// Run the Pod manifests in this directory, following changes to it.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    #[command(flatten)]
+    site: SiteFlags,
     #[command(flatten)]
     flags: NodeFlags,
+}
+
+/// Joining a site (or a Kubernetes cluster) and heartbeating to it.
+#[derive(Debug, Args)]
+pub struct SiteFlags {
+    /// Join the site whose API is at this URL (https://HOST:6443), with --token and
+    /// --discovery-token-ca-cert-hash; the node's credential is kept in
+    /// DATA_DIR/kubeconfig, so later starts need neither.
+    #[arg(long, value_name = "URL", requires_all = ["token", "discovery_token_ca_cert_hash"], conflicts_with = "kubeconfig")]
+    server: Option<String>,
+    /// A bootstrap token (`brink server token create`).
+    #[arg(long, env = "BRINK_NODE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The site CA's pin, `sha256:<hex>` (printed by `brink server token create
+    /// --print-join-command`).
+    #[arg(long, value_name = "sha256:HEX")]
+    discovery_token_ca_cert_hash: Option<String>,
+    /// Use this kubeconfig's credential instead of joining with a token.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// How long to wait for the site to sign the node's certificate.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    join_timeout: std::time::Duration,
+    /// How often the node renews its Lease in kube-node-lease.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    node_lease_renew: std::time::Duration,
+    /// How often the node writes its status when nothing changed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    node_status_report: std::time::Duration,
+    /// The most pods the node runs (its capacity.pods).
+    #[arg(long, default_value_t = 110)]
+    max_pods: u32,
+}
+
+impl SiteFlags {
+    /// The kubeconfig the node uses for the site, joining first if it has none yet.
+    async fn kubeconfig(&self, settings: &NodeSettings) -> anyhow::Result<Option<PathBuf>> {
+        if let Some(path) = &self.kubeconfig {
+            return Ok(Some(path.clone()));
+        }
+        let Some(server) = &self.server else {
+            return Ok(None);
+        };
+        let path = settings.data_dir.join("kubeconfig");
+        if path.exists() {
+            tracing::info!(kubeconfig = %path.display(), "joined before; using the node's own credential");
+            return Ok(Some(path));
+        }
+        anyhow::ensure!(
+            !self.join_timeout.is_zero() && !self.node_lease_renew.is_zero(),
+            "--join-timeout and --node-lease-renew must be positive"
+        );
+        let token =
+            brink_proto::bootstrap::BootstrapToken::parse(self.token.as_deref().unwrap_or(""))
+                .context("--token")?;
+        let pin = self
+            .discovery_token_ca_cert_hash
+            .clone()
+            .unwrap_or_default();
+        anyhow::ensure!(
+            pin.len() == 71
+                && pin.starts_with("sha256:")
+                && pin[7..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "--discovery-token-ca-cert-hash must be sha256: and 64 hex digits"
+        );
+        let join = brink_node::join::JoinSettings {
+            server: server.trim_end_matches('/').to_owned(),
+            token,
+            ca_pin: pin,
+            node_name: settings.node_name.clone(),
+            timeout: self.join_timeout,
+            poll: std::time::Duration::from_millis(500),
+        };
+        let joined = brink_node::join::join(&join)
+            .await
+            .context("join the site")?;
+        let text = brink_node::join::kubeconfig(&joined, &settings.node_name);
+        brink_node::join::write_kubeconfig(&path, &text)?;
+        eprintln!(
+            "brink: joined {server} as system:node:{}; credential in {}",
+            settings.node_name,
+            path.display()
+        );
+        Ok(Some(path))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -279,7 +366,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn run_node(settings: NodeSettings, manifests: PathBuf) -> anyhow::Result<()> {
+async fn run_manifests(settings: NodeSettings, manifests: PathBuf) -> anyhow::Result<()> {
     anyhow::ensure!(
         manifests.is_dir(),
         "--manifests {}: not a directory",
@@ -296,7 +383,49 @@ async fn run_node(settings: NodeSettings, manifests: PathBuf) -> anyhow::Result<
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
     let settings = args.flags.settings("node")?;
-    run_node(settings, args.manifests).await
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("create {}", settings.data_dir.display()))?;
+    let site = args.site.kubeconfig(&settings).await?;
+    let heartbeat = match &site {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("use {}", path.display()))?;
+            let client = kube::Client::try_from(config).context("a client for the site")?;
+            let address = match settings.host_port_address {
+                ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+                ip => ip,
+            };
+            let registration = brink_node::registration::RegistrationSettings {
+                node_name: settings.node_name.clone(),
+                address,
+                max_pods: args.site.max_pods,
+                lease_renew: args.site.node_lease_renew,
+                status_report: args.site.node_status_report,
+            };
+            Some(tokio::spawn(brink_node::registration::run(
+                client,
+                registration,
+                shutdown_signal(),
+            )))
+        }
+        None => None,
+    };
+    match (args.manifests, heartbeat) {
+        (Some(manifests), _) => run_manifests(settings, manifests).await,
+        (None, Some(heartbeat)) => {
+            tracing::warn!(
+                "running the site's pods on this node is not implemented yet: it is registered and heartbeats; give --manifests DIR to run pods meanwhile"
+            );
+            heartbeat.await.context("the heartbeat task")?;
+            Ok(())
+        }
+        (None, None) => anyhow::bail!(
+            "say where pods come from: --manifests DIR, or a site (--server URL --token T --discovery-token-ca-cert-hash H, or --kubeconfig FILE)"
+        ),
+    }
 }
 
 /// The Gateway API objects `brink up` serves the hello app through.
@@ -360,5 +489,5 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         settings.kubelet_addr,
         manifests.display()
     );
-    run_node(settings, manifests).await
+    run_manifests(settings, manifests).await
 }

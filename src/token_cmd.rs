@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use brink_control::tokens::{self, BootstrapToken};
+use brink_proto::bootstrap::{self as tokens, BootstrapToken};
 use clap::{Args, Subcommand};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};

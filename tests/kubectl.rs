@@ -1182,3 +1182,250 @@ fn bad_api_input_gets_a_status_and_changes_nothing() {
         "{err}"
     );
 }
+
+/// `brink node` started with a node's data directory and extra flags; killed on drop.
+struct NodeProcess(Child);
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_node(dir: &Path, name: &str, extra: &[&str]) -> NodeProcess {
+    let child = Command::new(brink_bin())
+        .args(["node", "--data-dir", dir.to_str().expect("utf-8")])
+        .args(["--node-name", name, "--node-lease-renew", "1s"])
+        .args(["--kubelet-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("brink node");
+    NodeProcess(child)
+}
+
+/// A node that should refuse to join: its error.
+fn refused_join(dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new(brink_bin())
+        .args(["node", "--data-dir", dir.to_str().expect("utf-8")])
+        .args(["--node-name", "refused", "--join-timeout", "5s"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("brink node");
+    assert!(!out.status.success(), "joined: {}", stderr(&out));
+    assert!(
+        !dir.join("kubeconfig").exists(),
+        "a refused join leaves no credential"
+    );
+    stderr(&out)
+}
+
+#[test]
+fn a_node_joins_with_a_token_and_heartbeats() {
+    let site = Site::init(&[]);
+    let bin = &kubectl_builds()[0];
+    let admin = Kubectl {
+        bin,
+        config: site.kubeconfig(),
+    };
+    let created = brink(&[
+        "server",
+        "token",
+        "create",
+        "--data-dir",
+        site.dir.to_str().expect("utf-8"),
+        "--print-join-command",
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let printed = stdout(&created);
+    let token = printed.lines().next().unwrap_or_default().to_owned();
+    let pin = printed
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    let server = format!("https://{}", site.api);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // cluster-info is signed for the new token by the leader within a sweep.
+    wait_for("cluster-info to be signed for the token", || {
+        let info = admin.ok(&[
+            "-n",
+            "kube-public",
+            "get",
+            "cm",
+            "cluster-info",
+            "-o",
+            "jsonpath={.data}",
+        ]);
+        info.contains(&format!("jws-kubeconfig-{}", &token[..6]))
+            .then_some(())
+    });
+
+    // Refused: another token, the right ID with a wrong secret, a wrong pin, an expired
+    // token, no way to find pods at all.
+    let id = &token[..6];
+    let wrong_secret = format!("{id}.{}", "0".repeat(16));
+    for (args, why) in [
+        (
+            vec![
+                "--token",
+                "zzzzzz.0123456789abcdef",
+                "--discovery-token-ca-cert-hash",
+                &pin,
+            ],
+            "no signature for token zzzzzz",
+        ),
+        (
+            vec![
+                "--token",
+                &wrong_secret,
+                "--discovery-token-ca-cert-hash",
+                &pin,
+            ],
+            "signature does not match the token",
+        ),
+        (
+            vec![
+                "--token",
+                &token,
+                "--discovery-token-ca-cert-hash",
+                &format!("sha256:{}", "0".repeat(64)),
+            ],
+            "(--discovery-token-ca-cert-hash)",
+        ),
+        (
+            vec![
+                "--token",
+                &token,
+                "--discovery-token-ca-cert-hash",
+                "md5:1234",
+            ],
+            "must be sha256:",
+        ),
+    ] {
+        let dir = tmp.path().join("refused");
+        let mut all = vec!["--server", server.as_str()];
+        all.extend(args);
+        let err = refused_join(&dir, &all);
+        assert!(err.contains(why), "{why}: {err}");
+    }
+    admin.ok(&[
+        "-n",
+        "kube-system",
+        "create",
+        "secret",
+        "generic",
+        "bootstrap-token-expire",
+        "--type=bootstrap.kubernetes.io/token",
+        "--from-literal=token-id=expire",
+        "--from-literal=token-secret=0123456789abcdef",
+        "--from-literal=expiration=2001-01-01T00:00:00Z",
+        "--from-literal=usage-bootstrap-authentication=true",
+        "--from-literal=usage-bootstrap-signing=true",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    let expired = refused_join(
+        &tmp.path().join("expired"),
+        &[
+            "--server",
+            &server,
+            "--token",
+            "expire.0123456789abcdef",
+            "--discovery-token-ca-cert-hash",
+            &pin,
+        ],
+    );
+    assert!(
+        expired.contains("no signature for token expire"),
+        "{expired}"
+    );
+    let nowhere = refused_join(&tmp.path().join("nowhere"), &[]);
+    assert!(nowhere.contains("say where pods come from"), "{nowhere}");
+
+    // Joined: the node asks for its certificate, keeps it, registers and heartbeats.
+    let dir = tmp.path().join("shop-7");
+    let node = start_node(
+        &dir,
+        "shop-7",
+        &[
+            "--server",
+            &server,
+            "--token",
+            &token,
+            "--discovery-token-ca-cert-hash",
+            &pin,
+        ],
+    );
+    let nodes = wait_for("the node to be Ready", || {
+        let table = admin.ok(&["get", "nodes", "-o", "wide"]);
+        (row(&table, "shop-7").get(1) == Some(&"Ready")).then_some(table)
+    });
+    assert_eq!(
+        &header(&nodes)[..6],
+        ["NAME", "STATUS", "ROLES", "AGE", "VERSION", "INTERNAL-IP"]
+    );
+    assert_eq!(row(&nodes, "shop-7")[5], "127.0.0.1", "{nodes}");
+    let labels = admin.ok(&["get", "node", "shop-7", "-o", "jsonpath={.metadata.labels}"]);
+    for label in [
+        "kubernetes.io/os",
+        "kubernetes.io/arch",
+        "node.kubernetes.io/instance-type",
+    ] {
+        assert!(labels.contains(label), "{label}: {labels}");
+    }
+    let allocatable = admin.ok(&[
+        "get",
+        "node",
+        "shop-7",
+        "-o",
+        "jsonpath={.status.allocatable.pods} {.status.nodeInfo.operatingSystem}",
+    ]);
+    assert_eq!(allocatable, "110 linux");
+    let renewed = |admin: &Kubectl<'_>| {
+        admin.ok(&[
+            "-n",
+            "kube-node-lease",
+            "get",
+            "lease",
+            "shop-7",
+            "-o",
+            "jsonpath={.spec.holderIdentity} {.spec.renewTime}",
+        ])
+    };
+    let first = wait_for("the lease", || {
+        let r = renewed(&admin);
+        r.starts_with("shop-7 ").then_some(r)
+    });
+    wait_for("the lease to be renewed", || {
+        (renewed(&admin) != first).then_some(())
+    });
+    let csrs = admin.ok(&["get", "csr"]);
+    assert!(
+        csrs.lines()
+            .any(|l| l.starts_with("node-csr-shop-7-") && l.ends_with("Approved,Issued")),
+        "{csrs}"
+    );
+    let kubeconfig = dir.join("kubeconfig");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&kubeconfig)
+            .expect("kubeconfig")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the credential is the node's alone");
+    drop(node);
+
+    // Restarted with only its kubeconfig, it needs no token (a deleted one would do).
+    let _again = start_node(
+        &dir,
+        "shop-7",
+        &["--kubeconfig", kubeconfig.to_str().expect("utf-8")],
+    );
+    let before = renewed(&admin);
+    wait_for("the restarted node's lease", || {
+        (renewed(&admin) != before).then_some(())
+    });
+}

@@ -22,4 +22,3 @@ pub mod peers;
 pub mod settings;
 pub mod store;
 pub mod store_api;
-pub mod tokens;

@@ -4,6 +4,8 @@
 //! ([`oci`], [`cache`], [`images`]), running them ([`runtime`]), the pod lifecycle
 //! ([`pod`]), where pods come from ([`source`]), serving host ports ([`hostport`]), logs
 //! ([`logs`]) and the kubelet-style endpoint ([`kubelet`]); [`agent`] wires them together.
+//! Joining a site ([`join`]: token discovery and TLS bootstrap) and being seen by it
+//! ([`registration`]: the Node and its Lease) go through the Kubernetes API only.
 //! It must not reach into the control plane's store: it talks to the cluster only through
 //! a [`source::PodSource`] (and, as later issues land, the Kubernetes API).
 
@@ -14,12 +16,14 @@ pub mod gateway;
 pub mod hostport;
 pub mod idranges;
 pub mod images;
+pub mod join;
 pub mod keyed_lock;
 pub mod kubelet;
 pub mod logs;
 pub mod metrics;
 pub mod oci;
 pub mod pod;
+pub mod registration;
 pub mod runtime;
 pub mod sandbox;
 pub mod settings;

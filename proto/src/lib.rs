@@ -5,8 +5,10 @@
 //! [`volumes`], the Gateway API kinds in [`gateway`], and the metadata rules every kind
 //! shares in [`meta`]) and the wire formats between Brink processes ([`peer`]).
 //! It does no I/O: callers hand it bytes and get typed values or a typed error that names
-//! the file, the document and the field at fault.
+//! the file, the document and the field at fault. [`bootstrap`] holds the formats a node
+//! joins a site with (tokens, cluster-info signatures, the CA pin).
 
+pub mod bootstrap;
 pub mod config;
 pub mod gateway;
 pub mod manifest;

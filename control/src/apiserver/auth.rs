@@ -142,37 +142,18 @@ pub const BOOTSTRAPPERS: &str = "system:bootstrappers";
 /// `system:bootstrap:<id>` in `system:bootstrappers` and the Secret's
 /// `auth-extra-groups` (each under `system:bootstrappers:`).
 pub fn bootstrap_user(cache: &Cache, token: &str, now: jiff::Timestamp) -> Option<User> {
-    let (id, secret) = parse_bootstrap_token(token)?;
+    let token = brink_proto::bootstrap::BootstrapToken::parse(token).ok()?;
     let secrets = super::kinds::find("", "v1", "secrets")?;
-    let object = cache.get(&secrets.key(Some("kube-system"), &format!("bootstrap-token-{id}")))?;
-    if object.get("type").and_then(Value::as_str) != Some("bootstrap.kubernetes.io/token")
-        || object.pointer("/metadata/deletionTimestamp").is_some()
+    let object = cache.get(&secrets.key(Some("kube-system"), &token.secret_name()))?;
+    let stored = StoredToken::read(&object, now)?;
+    if stored.token.id != token.id
+        || !same_secret(stored.token.secret.as_bytes(), token.secret.as_bytes())
+        || !stored.authentication
     {
         return None;
-    }
-    let field = |name: &str| -> Option<String> {
-        use base64::Engine as _;
-        let encoded = object.pointer(&format!("/data/{name}"))?.as_str()?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .ok()?;
-        String::from_utf8(bytes).ok()
-    };
-    if field("token-id").as_deref() != Some(id)
-        || !same_secret(field("token-secret")?.as_bytes(), secret.as_bytes())
-        || field("usage-bootstrap-authentication").as_deref() != Some("true")
-    {
-        return None;
-    }
-    if let Some(expiration) = field("expiration") {
-        // An expiration that does not parse is treated as expired, as Kubernetes does.
-        let at: jiff::Timestamp = expiration.parse().ok()?;
-        if at <= now {
-            return None;
-        }
     }
     let mut groups = vec![BOOTSTRAPPERS.to_owned()];
-    for extra in field("auth-extra-groups").unwrap_or_default().split(',') {
+    for extra in stored.extra_groups.split(',') {
         let extra = extra.trim();
         if extra.is_empty() {
             continue;
@@ -183,7 +164,7 @@ pub fn bootstrap_user(cache: &Cache, token: &str, now: jiff::Timestamp) -> Optio
     }
     Some(
         User {
-            name: format!("system:bootstrap:{id}"),
+            name: format!("system:bootstrap:{}", token.id),
             uid: String::new(),
             groups,
         }
@@ -191,15 +172,56 @@ pub fn bootstrap_user(cache: &Cache, token: &str, now: jiff::Timestamp) -> Optio
     )
 }
 
-/// Splits `[a-z0-9]{6}.[a-z0-9]{16}` into id and secret.
-pub fn parse_bootstrap_token(token: &str) -> Option<(&str, &str)> {
-    let (id, secret) = token.split_once('.')?;
-    let ok = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    };
-    (ok(id, 6) && ok(secret, 16)).then_some((id, secret))
+/// A bootstrap token's Secret, read as Kubernetes reads it: only a Secret of type
+/// `bootstrap.kubernetes.io/token`, not being deleted and not expired, is a token.
+pub struct StoredToken {
+    pub token: brink_proto::bootstrap::BootstrapToken,
+    /// `usage-bootstrap-authentication: "true"`.
+    pub authentication: bool,
+    /// `usage-bootstrap-signing: "true"`: cluster-info carries its signature.
+    pub signing: bool,
+    pub extra_groups: String,
+}
+
+impl StoredToken {
+    pub fn read(object: &Value, now: jiff::Timestamp) -> Option<Self> {
+        if object.get("type").and_then(Value::as_str) != Some("bootstrap.kubernetes.io/token")
+            || object.pointer("/metadata/deletionTimestamp").is_some()
+        {
+            return None;
+        }
+        let field = |name: &str| -> Option<String> {
+            use base64::Engine as _;
+            let encoded = object.pointer(&format!("/data/{name}"))?.as_str()?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()?;
+            String::from_utf8(bytes).ok()
+        };
+        if let Some(expiration) = field("expiration") {
+            // An expiration that does not parse is treated as expired, as Kubernetes does.
+            let at: jiff::Timestamp = expiration.parse().ok()?;
+            if at <= now {
+                return None;
+            }
+        }
+        let token = brink_proto::bootstrap::BootstrapToken::parse(&format!(
+            "{}.{}",
+            field("token-id")?,
+            field("token-secret")?
+        ))
+        .ok()?;
+        // The Secret's name must carry the ID, or any Secret could claim any token.
+        if object.pointer("/metadata/name").and_then(Value::as_str) != Some(&token.secret_name()) {
+            return None;
+        }
+        Some(Self {
+            token,
+            authentication: field("usage-bootstrap-authentication").as_deref() == Some("true"),
+            signing: field("usage-bootstrap-signing").as_deref() == Some("true"),
+            extra_groups: field("auth-extra-groups").unwrap_or_default(),
+        })
+    }
 }
 
 /// Compares secrets in time that does not depend on where they differ.
@@ -428,8 +450,20 @@ pub fn default_rbac() -> Vec<Value> {
         binding(
             "brink:node-bootstrap",
             "system:node-bootstrapper",
-            crate::tokens::NODE_TOKEN_GROUP,
+            brink_proto::bootstrap::NODE_TOKEN_GROUP,
         ),
+        // What a node writes about itself. Until the Node authorizer narrows it to the
+        // node's own objects, every node may write every Node and Lease.
+        role(
+            "system:node",
+            json!([
+                {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
+                {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["get", "update", "patch"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
+                {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]},
+            ]),
+        ),
+        binding("system:node", "system:node", "system:nodes"),
         binding("cluster-admin", "cluster-admin", MASTERS),
         binding("system:discovery", "system:discovery", AUTHENTICATED),
     ]
@@ -455,23 +489,7 @@ mod tests {
     }
 
     #[test]
-    fn bootstrap_tokens_have_kubeadms_shape() {
-        assert_eq!(
-            parse_bootstrap_token("abcdef.0123456789abcdef"),
-            Some(("abcdef", "0123456789abcdef"))
-        );
-        for bad in [
-            "abcdef0123456789abcdef",
-            "abcde.0123456789abcdef",
-            "abcdef.0123456789abcde",
-            "ABCDEF.0123456789abcdef",
-            "abcdef.0123456789abcdeF",
-            "abc-ef.0123456789abcdef",
-            "abcdef.0123456789abcdef.x",
-            "",
-        ] {
-            assert_eq!(parse_bootstrap_token(bad), None, "{bad}");
-        }
+    fn secrets_compare_whole() {
         assert!(same_secret(b"0123", b"0123"));
         assert!(!same_secret(b"0123", b"0124"));
         assert!(!same_secret(b"0123", b"012"));

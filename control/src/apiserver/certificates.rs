@@ -133,7 +133,7 @@ fn approval(csr: &Value, requested: &Requested) -> Option<&'static str> {
                     &["digital signature", "key encipherment", "client auth"],
                     "client auth",
                 )
-                && (groups.contains(&crate::tokens::NODE_TOKEN_GROUP)
+                && (groups.contains(&brink_proto::bootstrap::NODE_TOKEN_GROUP)
                     || user == requested.common_name) =>
         {
             Some("Auto approving kubelet client certificate after SubjectAccessReview.")
@@ -356,7 +356,10 @@ mod tests {
             KUBELET_CLIENT,
             &pem,
             "system:bootstrap:abcdef",
-            &["system:bootstrappers", crate::tokens::NODE_TOKEN_GROUP],
+            &[
+                "system:bootstrappers",
+                brink_proto::bootstrap::NODE_TOKEN_GROUP,
+            ],
             &["digital signature", "client auth"],
         );
         let approved = step(&c, &ca, VALID, "now").expect("approves");
@@ -391,7 +394,10 @@ mod tests {
     #[test]
     fn requests_brink_does_not_approve_stay_pending() {
         let ca = SiteCa::generate().expect("ca");
-        let bootstrap = ["system:bootstrappers", crate::tokens::NODE_TOKEN_GROUP];
+        let bootstrap = [
+            "system:bootstrappers",
+            brink_proto::bootstrap::NODE_TOKEN_GROUP,
+        ];
         let client = ["digital signature", "client auth"];
         let cases = [
             // Not a node's subject.

@@ -1832,11 +1832,15 @@ async fn serve_request_in_span(
             })
     }) {
         Some(user) => user,
-        None if public => User {
-            name: "system:anonymous".into(),
-            uid: String::new(),
-            groups: vec!["system:unauthenticated".into()],
-        },
+        // cluster-info is how a joining node learns the CA it then checks against its
+        // pin: readable without credentials, through RBAC like any request.
+        None if public || (parts.method == Method::GET && path == super::cluster_info::PATH) => {
+            User {
+                name: "system:anonymous".into(),
+                uid: String::new(),
+                groups: vec!["system:unauthenticated".into()],
+            }
+        }
         None => return error_response(&ApiError::unauthorized()),
     };
     if public && let Some(response) = non_resource(&state, &path, &accept) {

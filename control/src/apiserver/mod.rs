@@ -15,6 +15,7 @@ pub mod admit;
 pub mod auth;
 pub mod cache;
 pub mod certificates;
+pub mod cluster_info;
 pub mod discovery;
 pub mod gc;
 pub mod handler;
@@ -76,7 +77,8 @@ pub struct ApiServerSettings {
     /// How often the leader's garbage collector sweeps when nothing wakes it (every
     /// deletion does; the interval catches objects created for owners already gone).
     pub gc_interval: Duration,
-    /// How often the leader looks for nodes' certificate requests to approve and sign.
+    /// How often the leader looks for nodes' certificate requests to approve and sign,
+    /// and for token changes cluster-info's signatures must follow.
     pub certificate_sweep: Duration,
     /// How many days the certificates signed for nodes are valid (nodes renew before).
     pub node_certificate_days: i32,
@@ -187,7 +189,7 @@ pub fn start(
         tokio::spawn(bootstrap(state.clone())),
         tokio::spawn(namespace_sweeper(state.clone())),
         tokio::spawn(garbage_collector(state.clone())),
-        tokio::spawn(certificate_controller(state.clone())),
+        tokio::spawn(node_bootstrap_controller(state.clone())),
     ];
     RunningApiServer { state, tasks }
 }
@@ -254,8 +256,9 @@ async fn serve_connection(
     }
 }
 
-/// The objects every site has: the four system namespaces and the default RBAC.
-fn bootstrap_objects() -> Vec<(String, Value)> {
+/// The objects every site has: the four system namespaces, the default RBAC, and
+/// (with a CA) cluster-info for joining nodes.
+fn bootstrap_objects(state: &ApiState) -> Vec<(String, Value)> {
     let now = handler::now_rfc3339();
     let mut out = Vec::new();
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -277,13 +280,23 @@ fn bootstrap_objects() -> Vec<(String, Value)> {
             object,
         ));
     }
+    if let Some(ca) = &state.signer {
+        for (key, mut object) in
+            cluster_info::bootstrap_objects(&ca.cert_pem, &state.settings.advertise)
+        {
+            object["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+            object["metadata"]["creationTimestamp"] = json!(now);
+            // Before the RBAC defaults' last binding, which marks the bootstrap done.
+            out.insert(out.len() - 1, (key, object));
+        }
+    }
     out
 }
 
 /// Creates what every site has, once: each object only if missing, so a member that
 /// starts later changes nothing.
 async fn bootstrap(state: Arc<ApiState>) {
-    for (key, object) in bootstrap_objects() {
+    for (key, object) in bootstrap_objects(&state) {
         loop {
             let data = serde_json::to_vec(&object).unwrap_or_default();
             let exists = {
@@ -354,8 +367,9 @@ async fn garbage_collector(state: Arc<ApiState>) {
     }
 }
 
-/// On the leader: approves and signs nodes' certificate requests (see [`certificates`]).
-async fn certificate_controller(state: Arc<ApiState>) {
+/// On the leader: approves and signs nodes' certificate requests (see [`certificates`])
+/// and keeps cluster-info signed for the current tokens (see [`cluster_info`]).
+async fn node_bootstrap_controller(state: Arc<ApiState>) {
     let Some(ca) = state.signer.clone() else {
         return;
     };
@@ -363,6 +377,7 @@ async fn certificate_controller(state: Arc<ApiState>) {
         tokio::time::sleep(state.settings.certificate_sweep).await;
         if state.replica.is_leader() && state.cache.is_ready() {
             certificates::sweep(&state, &ca).await;
+            cluster_info::sweep(&state).await;
         }
     }
 }

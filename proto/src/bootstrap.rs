@@ -1,10 +1,12 @@
-//! Kubernetes bootstrap tokens, the way kubeadm makes them and kube-apiserver reads them:
-//! `abcdef.0123456789abcdef`, stored as the Secret `kube-system/bootstrap-token-<id>`,
-//! and the CA pin a joining node checks (`sha256:` of the CA's public key, kubeadm's
+//! Joining a site the way kubeadm joins a cluster: bootstrap tokens
+//! (`abcdef.0123456789abcdef`, stored as the Secret `kube-system/bootstrap-token-<id>`),
+//! the signatures that vouch for the `kube-public/cluster-info` ConfigMap (a detached
+//! JWS, HS256 keyed by the token, as the bootstrap signer writes them), and the CA pin a
+//! joining node checks (`sha256:` of the CA's public key, kubeadm's
 //! `--discovery-token-ca-cert-hash`).
 //!
-//! Owns the formats only: the API server authenticates with them
-//! ([`crate::apiserver::auth`]) and `brink server token` writes them through the API.
+//! Formats only, no I/O: the API server authenticates tokens and signs cluster-info,
+//! `brink server token` writes tokens, and a joining node verifies what it is shown.
 
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
@@ -43,15 +45,15 @@ const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 impl BootstrapToken {
     /// A new token from the operating system's secure random source.
     pub fn generate() -> Result<Self, TokenError> {
-        let provider = rustls::crypto::ring::default_provider();
+        use ring::rand::SecureRandom as _;
+        let random = ring::rand::SystemRandom::new();
         let mut text = String::with_capacity(22);
         // Rejection sampling keeps every character equally likely.
         while text.len() < 22 {
             let mut bytes = [0u8; 32];
-            provider
-                .secure_random
+            random
                 .fill(&mut bytes)
-                .map_err(|e| TokenError::Random(format!("{e:?}")))?;
+                .map_err(|e| TokenError::Random(e.to_string()))?;
             for b in bytes {
                 if usize::from(b) < ALPHABET.len() * 7 && text.len() < 22 {
                     text.push(ALPHABET[usize::from(b) % ALPHABET.len()] as char);
@@ -127,6 +129,57 @@ pub fn ca_public_key_hash(cert_der: &[u8]) -> Result<String, TokenError> {
     Ok(format!("sha256:{}", hex::encode(Sha256::digest(spki))))
 }
 
+/// The `kube-public/cluster-info` ConfigMap's key for a token's signature.
+pub fn signature_key(token_id: &str) -> String {
+    format!("jws-kubeconfig-{token_id}")
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A detached JWS (`header..signature`) of `payload`, HS256 keyed by the whole token,
+/// with the token's ID as `kid`: what the bootstrap signer writes into cluster-info.
+pub fn sign_detached(payload: &str, token: &BootstrapToken) -> String {
+    let header = b64url(format!(r#"{{"alg":"HS256","kid":"{}"}}"#, token.id).as_bytes());
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.render().as_bytes());
+    let input = format!("{header}.{}", b64url(payload.as_bytes()));
+    let tag = ring::hmac::sign(&key, input.as_bytes());
+    format!("{header}..{}", b64url(tag.as_ref()))
+}
+
+/// Whether `jws` (detached) signs `payload` with `token` (HS256 only).
+pub fn verify_detached(jws: &str, payload: &str, token: &BootstrapToken) -> bool {
+    use base64::Engine as _;
+    let mut parts = jws.split('.');
+    let (Some(header), Some(""), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let decode = |s: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s)
+            .ok()
+    };
+    let Some(header_json) =
+        decode(header).and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
+    else {
+        return false;
+    };
+    if header_json.get("alg").and_then(serde_json::Value::as_str) != Some("HS256") {
+        return false;
+    }
+    let Some(signature) = decode(signature) else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.render().as_bytes());
+    let input = format!("{header}.{}", b64url(payload.as_bytes()));
+    // ring compares in constant time.
+    ring::hmac::verify(&key, input.as_bytes(), &signature).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,10 +228,33 @@ mod tests {
 
     #[test]
     fn the_ca_pin_hashes_the_public_key() {
-        let ca = crate::peers::pki::SiteCa::generate().expect("ca");
-        let der = ca.cert_der();
-        let pin = ca_public_key_hash(der).expect("pin");
-        assert!(pin.starts_with("sha256:") && pin.len() == 71, "{pin}");
         assert!(ca_public_key_hash(b"not a certificate").is_err());
+    }
+
+    #[test]
+    fn a_signature_verifies_only_with_its_token_and_payload() {
+        let t = BootstrapToken::parse("abcdef.0123456789abcdef").expect("token");
+        let other = BootstrapToken::parse("abcdef.0123456789abcdee").expect("token");
+        let jws = sign_detached("apiVersion: v1\nkind: Config\n", &t);
+        let parts: Vec<&str> = jws.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        assert!(parts[1].is_empty(), "detached: {jws}");
+        assert!(verify_detached(&jws, "apiVersion: v1\nkind: Config\n", &t));
+        assert!(!verify_detached(
+            &jws,
+            "apiVersion: v1\nkind: Config\n",
+            &other
+        ));
+        assert!(!verify_detached(
+            &jws,
+            "apiVersion: v1\nkind: Config \n",
+            &t
+        ));
+        for garbage in ["", "..", "a.b.c", "x..y", &jws.replace("..", ".e30.")] {
+            assert!(
+                !verify_detached(garbage, "apiVersion: v1\nkind: Config\n", &t),
+                "{garbage}"
+            );
+        }
     }
 }

@@ -1,0 +1,278 @@
+//! The node as a site sees it: its Node object (labels, capacity, conditions, addresses,
+//! nodeInfo) and its Lease in `kube-node-lease`, renewed while the node lives, as a
+//! kubelet registers and heartbeats.
+//!
+//! Owns those two objects and nothing else; it talks to the site only through the
+//! Kubernetes API. A site it cannot reach is retried with back-off; nothing on the node
+//! waits for it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, NodeSystemInfo};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+/// The field manager the node writes as.
+pub const FIELD_MANAGER: &str = "brink-node";
+
+/// How the node heartbeats.
+#[derive(Debug, Clone)]
+pub struct RegistrationSettings {
+    pub node_name: String,
+    /// The address the node is reached at (`InternalIP`).
+    pub address: std::net::IpAddr,
+    /// The most pods the node runs (`capacity.pods`).
+    pub max_pods: u32,
+    /// How often the Lease is renewed (`--node-lease-renew`).
+    pub lease_renew: Duration,
+    /// How often status is written when nothing changed (`--node-status-report`).
+    pub status_report: Duration,
+}
+
+/// What the node reports about itself.
+pub fn node_object(s: &RegistrationSettings) -> Node {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let os_image = read("/etc/os-release")
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap_or_else(|| "Linux".into());
+    let memory_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let resources: BTreeMap<String, Quantity> = [
+        ("cpu", cpus.to_string()),
+        ("memory", format!("{memory_kib}Ki")),
+        ("pods", s.max_pods.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), Quantity(v)))
+    .collect();
+    let labels: BTreeMap<String, String> = [
+        ("kubernetes.io/os", "linux".to_owned()),
+        ("kubernetes.io/arch", arch.to_owned()),
+        ("kubernetes.io/hostname", s.node_name.clone()),
+        ("node.kubernetes.io/instance-type", "brink-wasm".to_owned()),
+        ("beta.kubernetes.io/os", "linux".to_owned()),
+        ("beta.kubernetes.io/arch", arch.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Node {
+        metadata: ObjectMeta {
+            name: Some(s.node_name.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: None,
+        status: Some(NodeStatus {
+            capacity: Some(resources.clone()),
+            allocatable: Some(resources),
+            conditions: Some(conditions(Timestamp::now())),
+            addresses: Some(vec![
+                NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: s.address.to_string(),
+                },
+                NodeAddress {
+                    type_: "Hostname".into(),
+                    address: s.node_name.clone(),
+                },
+            ]),
+            node_info: Some(NodeSystemInfo {
+                architecture: arch.into(),
+                operating_system: "linux".into(),
+                os_image,
+                kernel_version: read("/proc/sys/kernel/osrelease"),
+                kubelet_version: format!("v1.36.0-brink.{}", env!("CARGO_PKG_VERSION")),
+                kube_proxy_version: String::new(),
+                container_runtime_version: format!("brink-wasm://{}", env!("CARGO_PKG_VERSION")),
+                machine_id: read("/etc/machine-id"),
+                system_uuid: read("/sys/class/dmi/id/product_uuid"),
+                boot_id: read("/proc/sys/kernel/random/boot_id"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn conditions(now: Timestamp) -> Vec<NodeCondition> {
+    let c = |type_: &str, status: &str, reason: &str, message: &str| NodeCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        last_heartbeat_time: Some(Time(now)),
+        last_transition_time: Some(Time(now)),
+    };
+    vec![
+        c(
+            "MemoryPressure",
+            "False",
+            "KubeletHasSufficientMemory",
+            "brink node has sufficient memory available",
+        ),
+        c(
+            "DiskPressure",
+            "False",
+            "KubeletHasNoDiskPressure",
+            "brink node has no disk pressure",
+        ),
+        c(
+            "PIDPressure",
+            "False",
+            "KubeletHasSufficientPID",
+            "brink node has sufficient PID available",
+        ),
+        c(
+            "Ready",
+            "True",
+            "KubeletReady",
+            "brink node is posting ready status",
+        ),
+    ]
+}
+
+/// Registers the Node (creating it, or taking over one of the same name) and writes its
+/// status.
+async fn register(nodes: &Api<Node>, node: &Node, name: &str) -> Result<(), kube::Error> {
+    match nodes.create(&PostParams::default(), node).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    let status = serde_json::json!({"status": node.status});
+    nodes
+        .patch_status(
+            name,
+            &PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &Patch::Merge(&status),
+        )
+        .await
+        .map(|_| ())
+}
+
+async fn renew_lease(
+    leases: &Api<Lease>,
+    name: &str,
+    duration: Duration,
+) -> Result<(), kube::Error> {
+    let now = MicroTime(Timestamp::now());
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some("kube-node-lease".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(name.to_owned()),
+            lease_duration_seconds: Some(i32::try_from(duration.as_secs()).unwrap_or(40)),
+            renew_time: Some(now),
+            ..Default::default()
+        }),
+    };
+    leases
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&lease),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Keeps the Node and its Lease current until `shutdown`: the Lease every `lease_renew`,
+/// status every `status_report`; failures are logged and retried on the next beat.
+pub async fn run(
+    client: kube::Client,
+    settings: RegistrationSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    let name = settings.node_name.clone();
+    // A kubelet's lease lasts four renewals.
+    let lease_duration = settings.lease_renew * 4;
+    let mut registered = false;
+    let mut last_status = tokio::time::Instant::now();
+    tokio::pin!(shutdown);
+    loop {
+        if !registered || last_status.elapsed() >= settings.status_report {
+            match register(&nodes, &node_object(&settings), &name).await {
+                Ok(()) => {
+                    if !registered {
+                        tracing::info!(node = %name, "registered with the site");
+                    }
+                    registered = true;
+                    last_status = tokio::time::Instant::now();
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "cannot register with the site; trying again")
+                }
+            }
+        }
+        if registered && let Err(e) = renew_lease(&leases, &name, lease_duration).await {
+            tracing::warn!(node = %name, error = %e, "cannot renew the node's lease; trying again");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(settings.lease_renew) => {}
+            () = &mut shutdown => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_reports_what_kubectl_shows() {
+        let node = node_object(&RegistrationSettings {
+            node_name: "shop-7".into(),
+            address: "10.0.0.7".parse().expect("ip"),
+            max_pods: 110,
+            lease_renew: Duration::from_secs(10),
+            status_report: Duration::from_secs(300),
+        });
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get("kubernetes.io/os").map(String::as_str),
+            Some("linux")
+        );
+        assert!(labels.contains_key("kubernetes.io/arch"));
+        assert!(labels.contains_key("node.kubernetes.io/instance-type"));
+        let status = node.status.unwrap_or_default();
+        let capacity = status.capacity.unwrap_or_default();
+        assert_eq!(capacity.get("pods"), Some(&Quantity("110".into())));
+        assert!(capacity.contains_key("cpu") && capacity.contains_key("memory"));
+        let ready = status
+            .conditions
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready");
+        assert_eq!(ready.status, "True");
+        assert_eq!(status.addresses.unwrap_or_default()[0].address, "10.0.0.7");
+    }
+}
