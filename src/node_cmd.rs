@@ -289,6 +289,27 @@ pub struct SiteFlags {
 }
 
 impl SiteFlags {
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.join_timeout.is_zero()
+                && !self.node_lease_renew.is_zero()
+                && !self.node_status_report.is_zero(),
+            "--join-timeout, --node-lease-renew and --node-status-report must be positive"
+        );
+        if self.server.is_some() {
+            brink_proto::bootstrap::BootstrapToken::parse(self.token.as_deref().unwrap_or(""))
+                .context("--token")?;
+            let pin = self.discovery_token_ca_cert_hash.as_deref().unwrap_or("");
+            anyhow::ensure!(
+                pin.len() == 71
+                    && pin.starts_with("sha256:")
+                    && pin[7..].bytes().all(|b| b.is_ascii_hexdigit()),
+                "--discovery-token-ca-cert-hash must be sha256: and 64 hex digits"
+            );
+        }
+        Ok(())
+    }
+
     /// The kubeconfig the node uses for the site, joining first if it has none yet.
     async fn kubeconfig(&self, settings: &NodeSettings) -> anyhow::Result<Option<PathBuf>> {
         if let Some(path) = &self.kubeconfig {
@@ -302,10 +323,7 @@ impl SiteFlags {
             tracing::info!(kubeconfig = %path.display(), "joined before; using the node's own credential");
             return Ok(Some(path));
         }
-        anyhow::ensure!(
-            !self.join_timeout.is_zero() && !self.node_lease_renew.is_zero(),
-            "--join-timeout and --node-lease-renew must be positive"
-        );
+        // check() has vetted both.
         let token =
             brink_proto::bootstrap::BootstrapToken::parse(self.token.as_deref().unwrap_or(""))
                 .context("--token")?;
@@ -313,12 +331,6 @@ impl SiteFlags {
             .discovery_token_ca_cert_hash
             .clone()
             .unwrap_or_default();
-        anyhow::ensure!(
-            pin.len() == 71
-                && pin.starts_with("sha256:")
-                && pin[7..].bytes().all(|b| b.is_ascii_hexdigit()),
-            "--discovery-token-ca-cert-hash must be sha256: and 64 hex digits"
-        );
         let join = brink_node::join::JoinSettings {
             server: server.trim_end_matches('/').to_owned(),
             token,
@@ -383,6 +395,19 @@ async fn run_manifests(settings: NodeSettings, manifests: PathBuf) -> anyhow::Re
 
 pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
     let settings = args.flags.settings("node")?;
+    // Every flag is checked before anything is written.
+    if let Some(manifests) = &args.manifests {
+        anyhow::ensure!(
+            manifests.is_dir(),
+            "--manifests {}: not a directory",
+            manifests.display()
+        );
+    }
+    args.site.check()?;
+    anyhow::ensure!(
+        args.manifests.is_some() || args.site.server.is_some() || args.site.kubeconfig.is_some(),
+        "say where pods come from: --manifests DIR, or a site (--server URL --token T --discovery-token-ca-cert-hash H, or --kubeconfig FILE)"
+    );
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("create {}", settings.data_dir.display()))?;
     let site = args.site.kubeconfig(&settings).await?;
@@ -422,9 +447,7 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
             heartbeat.await.context("the heartbeat task")?;
             Ok(())
         }
-        (None, None) => anyhow::bail!(
-            "say where pods come from: --manifests DIR, or a site (--server URL --token T --discovery-token-ca-cert-hash H, or --kubeconfig FILE)"
-        ),
+        (None, None) => anyhow::bail!("no pods to run and no site to join"),
     }
 }
 

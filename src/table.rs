@@ -233,7 +233,8 @@ pub fn pods(pods: &[Pod], wide: bool, with_namespace: bool) -> String {
 }
 
 /// Rows as kubectl aligns them: columns padded, three spaces apart.
-fn render(rows: Vec<Vec<String>>) -> String {
+/// Left-aligned columns three spaces apart, as kubectl prints them.
+pub fn render(rows: Vec<Vec<String>>) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();

@@ -166,17 +166,10 @@ async fn list(common: Common) -> anyhow::Result<()> {
             get("auth-extra-groups"),
         ]);
     }
-    let widths: Vec<usize> = (0..5)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", line.join("   ").trim_end());
-    }
+    print!(
+        "{}",
+        crate::table::render(rows.into_iter().map(Vec::from).collect())
+    );
     Ok(())
 }
 

@@ -122,7 +122,31 @@ fn node_refuses_bad_flags_before_doing_anything() {
         &["node", "--manifests", "/nonexistent", "--data-dir", data],
         "not a directory",
     );
-    let cases: [(&[&str], &str); 7] = [
+    let pin = format!("sha256:{}", "a".repeat(64));
+    let cases: [(&[&str], &str); 10] = [
+        (
+            &[
+                "--server",
+                "https://127.0.0.1:1",
+                "--token",
+                "nope",
+                "--discovery-token-ca-cert-hash",
+                &pin,
+            ],
+            "--token",
+        ),
+        (
+            &[
+                "--server",
+                "https://127.0.0.1:1",
+                "--token",
+                "abcdef.0123456789abcdef",
+                "--discovery-token-ca-cert-hash",
+                "md5:00",
+            ],
+            "must be sha256:",
+        ),
+        (&["--node-lease-renew", "0s"], "must be positive"),
         (&["--node-name", "Bad_Name"], "not a valid node name"),
         (&["--epoch-tick", "0s"], "--epoch-tick"),
         (&["--request-deadline", "soon"], "request-deadline"),

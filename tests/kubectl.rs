@@ -740,6 +740,22 @@ fn kubectl_sessions_against_a_site() {
     }
 }
 
+/// A PKCS#10 request (PEM) for `CN=common_name, O=organization`.
+fn certificate_request(key: &rcgen::KeyPair, common_name: &str, organization: &str) -> String {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, organization);
+    params
+        .serialize_request(key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
+
 #[test]
 fn the_api_refuses_strangers_and_enforces_rbac() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -985,18 +1001,7 @@ fn the_api_refuses_strangers_and_enforces_rbac() {
     // TLS bootstrap as a kubelet does it: with the token, ask for a client certificate;
     // Brink approves and signs it, and the certificate then names the node.
     let key = rcgen::KeyPair::generate().expect("key");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "system:node:shop-7");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:nodes");
-    let request = params
-        .serialize_request(&key)
-        .expect("csr")
-        .pem()
-        .expect("pem");
+    let request = certificate_request(&key, "system:node:shop-7", "system:nodes");
     use base64::Engine as _;
     let csr = format!(
         "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: node-csr-shop-7\nspec:\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, client auth]\n  request: {}\n",
@@ -1053,18 +1058,7 @@ fn the_api_refuses_strangers_and_enforces_rbac() {
         "{as_node}"
     );
     // A request for a subject other than a node's is left pending.
-    let mut admin_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    admin_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "brink-admin");
-    admin_params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "system:masters");
-    let sneaky = admin_params
-        .serialize_request(&key)
-        .expect("csr")
-        .pem()
-        .expect("pem");
+    let sneaky = certificate_request(&key, "brink-admin", "system:masters");
     let sneaky_csr = csr.replace("node-csr-shop-7", "sneaky").replace(
         &base64::engine::general_purpose::STANDARD.encode(&request),
         &base64::engine::general_purpose::STANDARD.encode(&sneaky),

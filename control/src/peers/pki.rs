@@ -74,6 +74,24 @@ fn ca_params() -> Result<rcgen::CertificateParams, PkiError> {
     Ok(params)
 }
 
+/// Certificate parameters for `names` with subject `CN=common_name` and an `O` per group.
+fn subject_params<'a>(
+    names: Vec<String>,
+    common_name: &str,
+    groups: impl IntoIterator<Item = &'a str>,
+) -> Result<rcgen::CertificateParams, PkiError> {
+    let mut params = rcgen::CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, common_name);
+    for group in groups {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, group);
+    }
+    Ok(params)
+}
+
 /// The DNS name that proves a certificate belongs to member `id`.
 pub fn member_identity_name(id: u64) -> String {
     format!("m{id:x}.{MEMBER_SERVER_NAME}")
@@ -147,17 +165,13 @@ impl SiteCa {
         valid: ((i32, u8, u8), (i32, u8, u8)),
     ) -> Result<String, PkiError> {
         let request = rcgen::CertificateSigningRequestParams::from_pem(request_pem)?;
-        let mut params = rcgen::CertificateParams::new(names.0)?;
+        let mut params = subject_params(
+            names.0,
+            common_name,
+            organizations.iter().map(String::as_str),
+        )?;
         for ip in names.1 {
             params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
-        }
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, common_name);
-        for o in organizations {
-            params
-                .distinguished_name
-                .push(rcgen::DnType::OrganizationName, o.as_str());
         }
         params.key_usages = vec![
             rcgen::KeyUsagePurpose::DigitalSignature,
@@ -200,15 +214,7 @@ impl SiteCa {
         let ca_key = rcgen::KeyPair::from_pem(&self.key_pem)?;
         let issuer = rcgen::Issuer::new(ca_params()?, ca_key);
         let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(names)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, common_name);
-        for group in groups {
-            params
-                .distinguished_name
-                .push(rcgen::DnType::OrganizationName, *group);
-        }
+        let mut params = subject_params(names, common_name, groups.iter().copied())?;
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
