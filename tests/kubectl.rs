@@ -507,6 +507,60 @@ fn session(k: &Kubectl<'_>, ns: &str) {
         generation.parse::<u64>().unwrap_or(0) + 1,
         bumped.parse::<u64>().unwrap_or(0)
     );
+    // kubectl scale goes through the scale subresource; only replicas change.
+    let scaled = k.ok(&["-n", ns, "scale", "deployment", "hello", "--replicas=6"]);
+    assert!(scaled.contains("deployment.apps/hello scaled"), "{scaled}");
+    assert_eq!(
+        k.ok(&[
+            "-n",
+            ns,
+            "get",
+            "deploy",
+            "hello",
+            "-o",
+            "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].image}"
+        ]),
+        "6 registry.example/hello:1"
+    );
+    let scale = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "--raw",
+        &format!("/apis/apps/v1/namespaces/{ns}/deployments/hello/scale"),
+    ]);
+    let scale: serde_json::Value = serde_json::from_str(&scale).expect("a Scale");
+    assert_eq!(scale["kind"], "Scale");
+    assert_eq!(scale["spec"]["replicas"], 6);
+    assert_eq!(scale["status"]["selector"], "app=hello");
+    let stale = k.fails(&[
+        "-n",
+        ns,
+        "scale",
+        "deployment",
+        "hello",
+        "--current-replicas=2",
+        "--replicas=1",
+    ]);
+    assert!(
+        stale.contains("Expected replicas to be 2, was 6"),
+        "{stale}"
+    );
+    let negative = k.fails(&[
+        "-n",
+        ns,
+        "patch",
+        "deploy",
+        "hello",
+        "--subresource=scale",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":-1}}"#,
+    ]);
+    assert!(
+        negative.contains("spec.replicas: Invalid value: -1: must be greater than or equal to 0"),
+        "{negative}"
+    );
     k.ok(&[
         "-n",
         ns,

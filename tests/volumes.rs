@@ -203,8 +203,11 @@ fn a_missing_configmap_holds_the_pod_until_it_appears_and_edits_reach_running_gu
         "    - name: settings\n      mountPath: /config\n",
     );
     node.write_manifest("watcher.yaml", &watcher);
+    // A new pod shows ContainerCreating with no message at first; the wait is for the
+    // reason the volume gives.
     let waiting = node.wait_pod("watcher", "ContainerCreating", |p| {
-        container_status(p)["state"]["waiting"]["reason"] == "ContainerCreating"
+        let waiting = &container_status(p)["state"]["waiting"];
+        waiting["reason"] == "ContainerCreating" && waiting["message"].is_string()
     });
     assert_eq!(waiting["status"]["phase"], "Pending");
     let message = container_status(&waiting)["state"]["waiting"]["message"]

@@ -636,9 +636,7 @@ pub async fn resource(call: Call<'_>, target: Target) -> Response<Body> {
         ("patch", None) | ("patch", Some("status")) => patch_object(&call, &target).await,
         ("delete", None) => delete(&call, &target).await,
         ("deletecollection", None) => delete_collection(&call, &target).await,
-        (_, Some("scale")) => Err(ApiError::not_implemented(
-            "the scale subresource is read-only in Brink today: change spec.replicas instead",
-        )),
+        ("update", Some("scale")) | ("patch", Some("scale")) => write_scale(&call, &target).await,
         _ => Err(ApiError::method_not_allowed(format!(
             "{} is not supported on {}",
             call.method,
@@ -658,6 +656,9 @@ fn respond_object(
     object: &Value,
     warnings: &[String],
 ) -> Response<Body> {
+    if target.subresource.as_deref() == Some("scale") {
+        return json_response(code, &scale_of(object), warnings);
+    }
     if call.wants_table() {
         let t = table::table(
             target.kind,
@@ -688,12 +689,12 @@ async fn get(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiErro
         return Err(ApiError::not_found(target.kind, name));
     };
     if target.subresource.as_deref() == Some("scale") {
-        return Ok(json_response(200, &scale_of(target.kind, &object), &[]));
+        return Ok(json_response(200, &scale_of(&object), &[]));
     }
     Ok(respond_object(call, target, 200, &object, &[]))
 }
 
-fn scale_of(kind: &Kind, object: &Value) -> Value {
+fn scale_of(object: &Value) -> Value {
     json!({
         "kind": "Scale",
         "apiVersion": "autoscaling/v1",
@@ -707,9 +708,129 @@ fn scale_of(kind: &Kind, object: &Value) -> Value {
         "spec": {"replicas": object.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)},
         "status": {
             "replicas": object.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
-            "selector": kind.kind,
+            "selector": selector_text(object),
         },
     })
+}
+
+/// A workload's `spec.selector` as the Scale's `status.selector` string (`app=web`).
+fn selector_text(object: &Value) -> String {
+    let mut parts: Vec<String> = object
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    for e in object
+        .pointer("/spec/selector/matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = e.get("key").and_then(Value::as_str).unwrap_or("");
+        let values: Vec<&str> = e
+            .get("values")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        parts.push(
+            match e.get("operator").and_then(Value::as_str).unwrap_or("") {
+                "In" => format!("{key} in ({})", values.join(",")),
+                "NotIn" => format!("{key} notin ({})", values.join(",")),
+                "Exists" => key.to_owned(),
+                _ => format!("!{key}"),
+            },
+        );
+    }
+    parts.join(",")
+}
+
+/// One of the patch formats, applied in place.
+type PatchFn = fn(&mut Value, &[u8]) -> Result<(), patch::PatchError>;
+
+/// `PUT` or `PATCH` on `/scale`: the Scale view of the workload is replaced or patched,
+/// and only its `spec.replicas` reaches the workload (as kube-apiserver does).
+async fn write_scale(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiError> {
+    let name = target.name.clone().unwrap_or_default();
+    let patching = call.method == Method::PATCH;
+    let media = call
+        .content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let apply_patch: Option<PatchFn> = match (patching, media.as_str()) {
+        (false, _) => None,
+        (true, "application/json-patch+json") => Some(patch::json_patch),
+        (true, "application/merge-patch+json") => Some(patch::merge_patch),
+        (true, "application/strategic-merge-patch+json") => Some(patch::strategic_merge_patch),
+        (true, other) => return Err(ApiError::unsupported_media_type(other)),
+    };
+    let body = if patching {
+        Value::Null
+    } else {
+        decode_body(&call.content_type, &call.body)?
+    };
+    let raw = call.body.clone();
+    read_modify_write(
+        call,
+        target,
+        move |old| {
+            let current = scale_of(old);
+            let wanted = match apply_patch {
+                Some(apply) => {
+                    let mut doc = current.clone();
+                    apply(&mut doc, &raw).map_err(|e| {
+                        ApiError::new(422, "Invalid", format!("Scale {name:?} is invalid: {e}"))
+                    })?;
+                    doc
+                }
+                None => body.clone(),
+            };
+            let replicas = wanted
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .filter(|r| (0..=i64::from(i32::MAX)).contains(r))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            "Scale.autoscaling {name:?} is invalid: spec.replicas: Invalid value: {}: must be greater than or equal to 0",
+                            wanted.pointer("/spec/replicas").unwrap_or(&Value::Null)
+                        ),
+                    )
+                })?;
+            let mut next = old.clone();
+            next["spec"]["replicas"] = json!(replicas);
+            // A replaced Scale pins the workload's resourceVersion when it names one; a
+            // patch pins it only by changing it (as patches of the object itself do).
+            let named = wanted
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .filter(|rv| !rv.is_empty());
+            let stored = current
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str);
+            let pinned = named.filter(|rv| !patching || Some(*rv) != stored);
+            match pinned {
+                Some(rv) => next["metadata"]["resourceVersion"] = json!(rv),
+                None => {
+                    if let Some(m) = next.get_mut("metadata").and_then(Value::as_object_mut) {
+                        m.remove("resourceVersion");
+                    }
+                }
+            }
+            Ok(next)
+        },
+        Origin::Update,
+        None,
+    )
+    .await
 }
 
 /// Continue tokens of cache lists: the revision of the first page and the last key.
@@ -1422,7 +1543,7 @@ async fn patch_object(call: &Call<'_>, target: &Target) -> Result<Response<Body>
         .map_err(|_| ApiError::bad_request("the patch is not UTF-8"))?;
     brink_proto::meta::check_nesting(text, brink_proto::meta::MAX_NESTING)
         .map_err(|e| ApiError::bad_request(format!("the patch is {e}")))?;
-    let apply: fn(&mut Value, &[u8]) -> Result<(), patch::PatchError> = match media.as_str() {
+    let apply: PatchFn = match media.as_str() {
         "application/json-patch+json" => patch::json_patch,
         "application/merge-patch+json" => patch::merge_patch,
         "application/strategic-merge-patch+json" => patch::strategic_merge_patch,

@@ -8,8 +8,8 @@
 //! through the replica (writes are raft proposals, reads follow a ReadIndex round) and
 //! never touches raft, the log or peers. On the leader it also runs what kube-apiserver
 //! and the controller manager keep the API itself working with: namespace deletion,
-//! garbage collection ([`gc`]) and nodes' certificates ([`certificates`]). Not built
-//! yet, and answered with a clear error: the scale subresource's writes.
+//! garbage collection ([`gc`]), nodes' certificates ([`certificates`]) and cluster-info
+//! ([`cluster_info`]).
 
 pub mod admit;
 pub mod auth;
