@@ -448,6 +448,12 @@ fn status_reports_attachment_and_references_with_the_specs_reasons() {
         r["status"]["parents"][0]["parentRef"]["name"],
         "all-namespaces"
     );
+    // Group and kind as the CRD defaults them, though the file names neither.
+    assert_eq!(
+        r["status"]["parents"][0]["parentRef"]["group"],
+        "gateway.networking.k8s.io"
+    );
+    assert_eq!(r["status"]["parents"][0]["parentRef"]["kind"], "Gateway");
     eventually_pod(site.all, "x", "/", &[], "web-backend");
     site.wait_route(
         WEB,

@@ -387,6 +387,15 @@ fn session(k: &Kubectl<'_>, ns: &str) {
 
     server_side_apply(k, ns);
 
+    // Gateway API references get the CRD's defaults, as a cluster with the CRDs gives them.
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: r\nspec:\n  parentRefs:\n  - name: gw\n  rules:\n  - backendRefs:\n    - name: web\n      port: 8080\n";
+    let applied = k.run_with_stdin(&["-n", ns, "apply", "-f", "-"], Some(route));
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    assert_eq!(
+        k.ok(&["-n", ns, "get", "httproute", "r", "-o", "jsonpath={.spec.parentRefs[0].group}/{.spec.parentRefs[0].kind} {.spec.rules[0].backendRefs[0].kind}"]),
+        "gateway.networking.k8s.io/Gateway Service"
+    );
+
     // Selectors the server evaluates.
     let by_field = k.ok(&[
         "-n",

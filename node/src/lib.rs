@@ -16,6 +16,7 @@ pub mod gateway;
 pub mod hostport;
 pub mod idranges;
 pub mod images;
+pub mod in_flight;
 pub mod join;
 pub mod keyed_lock;
 pub mod kubelet;

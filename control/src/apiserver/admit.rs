@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use brink_proto::meta::{FieldError, field_err};
 
@@ -70,6 +70,9 @@ fn decode<T: DeserializeOwned>(value: Value, kind: &Kind) -> Result<(T, Vec<Stri
             ))
         })?
     };
+    // Custom resource types (the Gateway API's) read apiVersion and kind without
+    // consuming them; they are the object's identity, checked before decoding.
+    unknown.retain(|path| path != "apiVersion" && path != "kind");
     Ok((typed, unknown))
 }
 
@@ -155,8 +158,12 @@ where
     let (mut object, unknown): (T, _) = decode(value, kind)?;
     check_metadata(kind, metadata(&mut object)).map_err(|e| invalid(kind, &name, e))?;
     check(&mut object).map_err(|e| invalid(kind, &name, e))?;
-    let value = serde_json::to_value(&object)
+    let mut value = serde_json::to_value(&object)
         .map_err(|e| ApiError::internal(format!("re-encoding the object: {e}")))?;
+    if value.get("apiVersion").is_none() {
+        value["apiVersion"] = json!(kind.api_version());
+        value["kind"] = json!(kind.kind);
+    }
     Ok((value, unknown))
 }
 
@@ -264,7 +271,26 @@ pub fn admit(
         ("gateway.networking.k8s.io", "HTTPRoute") => typed::<gateway_api::httproutes::HttpRoute>(
             value,
             kind,
-            |r| brink_proto::gateway::validate_route_spec(&r.spec),
+            |r| {
+                // The CRD's defaults for references, so clients and status see them.
+                for parent in r.spec.parent_refs.iter_mut().flatten() {
+                    parent
+                        .group
+                        .get_or_insert_with(|| "gateway.networking.k8s.io".into());
+                    parent.kind.get_or_insert_with(|| "Gateway".into());
+                }
+                for backend in r
+                    .spec
+                    .rules
+                    .iter_mut()
+                    .flatten()
+                    .flat_map(|rule| rule.backend_refs.iter_mut().flatten())
+                {
+                    backend.group.get_or_insert_with(String::new);
+                    backend.kind.get_or_insert_with(|| "Service".into());
+                }
+                brink_proto::gateway::validate_route_spec(&r.spec)
+            },
             |o| &mut o.metadata,
         )?,
         ("gateway.networking.k8s.io", "ReferenceGrant") => {
@@ -306,7 +332,27 @@ pub fn admit(
 mod tests {
     use super::*;
     use crate::apiserver::kinds::find;
-    use serde_json::json;
+
+    #[test]
+    fn gateway_api_objects_pass_strict_validation_and_get_the_crds_defaults() {
+        let routes = find("gateway.networking.k8s.io", "v1", "httproutes").expect("httproutes");
+        let route = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "r", "namespace": "default"},
+            "spec": {"parentRefs": [{"name": "gw"}], "rules": [{"backendRefs": [{"name": "web", "port": 8080}]}]}});
+        let (stored, warnings) = admit(routes, route, FieldValidation::Strict).expect("strict");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(stored["apiVersion"], "gateway.networking.k8s.io/v1");
+        assert_eq!(stored["kind"], "HTTPRoute");
+        assert_eq!(
+            stored["spec"]["parentRefs"][0]["group"],
+            "gateway.networking.k8s.io"
+        );
+        assert_eq!(stored["spec"]["parentRefs"][0]["kind"], "Gateway");
+        assert_eq!(
+            stored["spec"]["rules"][0]["backendRefs"][0]["kind"],
+            "Service"
+        );
+    }
 
     #[test]
     fn objects_are_decoded_checked_and_defaulted() {

@@ -1021,10 +1021,16 @@ fn parent_identity(p: &HttpRouteParentRefs) -> String {
     )
 }
 
+/// A parentRef as route status reports it, with the group and kind the CRD defaults
+/// (a route read from a file has neither).
 fn status_parent_ref(p: &HttpRouteParentRefs) -> HttpRouteStatusParentsParentRef {
     HttpRouteStatusParentsParentRef {
-        group: p.group.clone(),
-        kind: p.kind.clone(),
+        group: Some(
+            p.group
+                .clone()
+                .unwrap_or_else(|| "gateway.networking.k8s.io".into()),
+        ),
+        kind: Some(p.kind.clone().unwrap_or_else(|| "Gateway".into())),
         name: p.name.clone(),
         namespace: p.namespace.clone(),
         port: p.port,

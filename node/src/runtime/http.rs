@@ -91,9 +91,9 @@ impl HttpApp {
         // The node-wide request count doubles as the request id in traces.
         let id = metrics.http_requests.fetch_add(1, Ordering::Relaxed) + 1;
         let span = tracing::debug_span!("request", id, container = %self.ctx.name);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let in_flight = crate::in_flight::InFlight::enter(&self.in_flight);
         let response = self.handle_inner(request).instrument(span).await;
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(in_flight);
         match response {
             Ok(response) => (response, None),
             Err((status, message)) => {

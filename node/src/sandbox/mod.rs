@@ -159,12 +159,12 @@ impl SandboxService {
                 "the pod's sandbox is not running\n",
             );
         };
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = crate::in_flight::InFlight::enter(&self.in_flight);
         let metrics = &self.pod.metrics;
         let id = metrics.http_requests.fetch_add(1, Ordering::Relaxed) + 1;
         let span =
             tracing::debug_span!("request", id, container = %self.container, sandbox = sandbox.pid);
-        let response = tracing::Instrument::instrument(async {
+        tracing::Instrument::instrument(async {
             let (head, body) = match sandbox.request(&self.container, request).await {
                 Ok(pair) => pair,
                 Err(e) => return text_response(StatusCode::BAD_GATEWAY, format!("{e}\n")),
@@ -198,9 +198,7 @@ impl SandboxService {
             }
             response
         }, span)
-        .await;
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        response
+        .await
     }
 }
 
