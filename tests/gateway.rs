@@ -771,6 +771,9 @@ fn filters_rewrite_redirect_modify_and_mirror() {
             "  - matches: [{path: {type: PathPrefix, value: /cors}}]\n",
             "    filters: [{type: CORS, cors: {allowOrigins: ['https://www.foo.com', 'https://*.bar.com'], allowMethods: [GET, OPTIONS], allowHeaders: [x-header-1], exposeHeaders: [x-header-3], maxAge: 3600, allowCredentials: true}}]\n",
             "    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+            "  - matches: [{path: {type: PathPrefix, value: /cors-any}}]\n",
+            "    filters: [{type: CORS, cors: {allowOrigins: ['*'], allowMethods: ['*'], allowHeaders: ['*'], allowCredentials: true}}]\n",
+            "    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
         )),
     );
     site.wait_route(INFRA, "filters", "ResolvedRefs", "False", "InvalidKind");
@@ -910,6 +913,26 @@ fn filters_rewrite_redirect_modify_and_mirror() {
         ],
     );
     assert_eq!(stranger.header("access-control-allow-origin"), None);
+    // Wildcards with credentials: the preflight's own method, headers and origin come
+    // back, never `*`.
+    let any = send(
+        s,
+        "OPTIONS",
+        h,
+        "/cors-any",
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "PUT"),
+            ("Access-Control-Request-Headers", "x-a, x-b"),
+        ],
+    );
+    assert_eq!(
+        any.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(any.header("access-control-allow-methods"), Some("PUT"));
+    assert_eq!(any.header("access-control-allow-headers"), Some("x-a, x-b"));
+    assert_eq!(any.header("access-control-allow-credentials"), Some("true"));
     let simple = send(s, "GET", h, "/cors", &[("Origin", "https://www.foo.com")]);
     assert_eq!(simple.pod(), "infra-backend-v1");
     assert_eq!(

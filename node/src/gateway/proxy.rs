@@ -130,7 +130,7 @@ async fn serve_rule(
             .headers()
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     {
-        return preflight(cors, origin);
+        return preflight(cors, origin, request.headers());
     }
     if let Some(fault) = &rule.fault {
         return text_response(StatusCode::INTERNAL_SERVER_ERROR, format!("{fault}\n"));
@@ -398,7 +398,7 @@ fn origin_allowed(cors: &Cors, origin: &HeaderValue) -> bool {
     })
 }
 
-fn preflight(cors: &Cors, origin: &HeaderValue) -> Response<HttpBody> {
+fn preflight(cors: &Cors, origin: &HeaderValue, request: &HeaderMap) -> Response<HttpBody> {
     let mut response = text_response(StatusCode::OK, "");
     response.headers_mut().remove(header::CONTENT_TYPE);
     if !origin_allowed(cors, origin) {
@@ -407,10 +407,24 @@ fn preflight(cors: &Cors, origin: &HeaderValue) -> Response<HttpBody> {
     let headers = response.headers_mut();
     add_cors_headers(cors, origin, headers);
     let join = |values: &[String]| HeaderValue::from_str(&values.join(", ")).ok();
-    if let Some(v) = join(&cors.allow_methods).filter(|v| !v.is_empty()) {
+    // With credentials a browser takes `*` literally, so the spec has the gateway name
+    // what the preflight asked for instead.
+    let allowed = |values: &[String], asked: header::HeaderName| {
+        let wildcard = values.iter().any(|v| v == "*");
+        if wildcard && cors.allow_credentials {
+            request.get(asked).cloned()
+        } else {
+            join(values)
+        }
+    };
+    if let Some(v) = allowed(&cors.allow_methods, header::ACCESS_CONTROL_REQUEST_METHOD)
+        .filter(|v| !v.is_empty())
+    {
         headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
     }
-    if let Some(v) = join(&cors.allow_headers).filter(|v| !v.is_empty()) {
+    if let Some(v) = allowed(&cors.allow_headers, header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .filter(|v| !v.is_empty())
+    {
         headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
     }
     if let Some(age) = cors.max_age {
