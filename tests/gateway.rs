@@ -746,6 +746,9 @@ fn filters_rewrite_redirect_modify_and_mirror() {
             "    filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]\n",
             "  - matches: [{path: {type: PathPrefix, value: /redirect-port}}]\n",
             "    filters: [{type: RequestRedirect, requestRedirect: {port: 8443}}]\n",
+            // A redirect on a backendRef answers as a rule's does.
+            "  - matches: [{path: {type: PathPrefix, value: /redirect-backend}}]\n",
+            "    backendRefs: [{name: infra-backend-v1, port: 8080, filters: [{type: RequestRedirect, requestRedirect: {hostname: elsewhere.example, statusCode: 301}}]}]\n",
             // URLRewrite: hostname and path prefix / full.
             "  - matches: [{path: {type: PathPrefix, value: /prefix/one}}]\n",
             "    filters: [{type: URLRewrite, urlRewrite: {hostname: rewritten.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}]\n",
@@ -835,6 +838,14 @@ fn filters_rewrite_redirect_modify_and_mirror() {
     assert_eq!(
         r.header("location"),
         Some("http://filters.example:8443/redirect-port")
+    );
+    let r = get(s, h, "/redirect-backend/x");
+    assert_eq!(
+        (r.status, r.header("location")),
+        (
+            301,
+            Some(&*format!("http://elsewhere.example:{s}/redirect-backend/x"))
+        )
     );
 
     let e = get(s, h, "/prefix/one/two").echo();

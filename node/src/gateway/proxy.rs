@@ -140,6 +140,18 @@ async fn serve_rule(
             return redirect_response(redirect, &request, &host, downstream, matched_prefix);
         }
     }
+    let Some(backend) = pick_backend(rule) else {
+        return text_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the matched rule has no backend to send to\n",
+        );
+    };
+    // A redirect on the backendRef picked answers as a rule's redirect does.
+    for filter in &backend.filters {
+        if let Filter::Redirect(redirect) = filter {
+            return redirect_response(redirect, &request, &host, downstream, matched_prefix);
+        }
+    }
     let (mut parts, body) = request.into_parts();
     // The backend sees an origin-form URI and a Host header, whatever the client spoke.
     if !parts.headers.contains_key(header::HOST)
@@ -158,12 +170,6 @@ async fn serve_rule(
         &mut path_and_query,
         matched_prefix,
     );
-    let Some(backend) = pick_backend(rule) else {
-        return text_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the matched rule has no backend to send to\n",
-        );
-    };
     pending.apply(
         &backend.filters,
         &mut parts.headers,
