@@ -1467,6 +1467,41 @@ fn a_node_joins_with_a_token_and_heartbeats() {
         "{csrs}"
     );
     let kubeconfig = dir.join("kubeconfig");
+    // The Node authorizer: with its own credential the node writes its own Node and
+    // Lease and nothing else.
+    let as_node = Kubectl {
+        bin,
+        config: kubeconfig.clone(),
+    };
+    as_node.ok(&["label", "node", "shop-7", "shop=7", "--overwrite"]);
+    admin.run_with_stdin(
+        &["create", "-f", "-"],
+        Some("apiVersion: v1\nkind: Node\nmetadata:\n  name: other\n"),
+    );
+    let lease = |name: &str| {
+        format!(
+            "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: {name}\n  namespace: kube-node-lease\nspec:\n  holderIdentity: {name}\n"
+        )
+    };
+    for (args, stdin) in [
+        (vec!["label", "node", "other", "x=y"], None),
+        (vec!["delete", "node", "shop-7"], None),
+        (vec!["-n", "kube-system", "get", "secrets"], None),
+        (vec!["-n", "default", "create", "configmap", "x"], None),
+        (vec!["create", "-f", "-"], Some(lease("other"))),
+        (
+            vec!["create", "-f", "-"],
+            Some("apiVersion: v1\nkind: Node\nmetadata:\n  name: third\n".to_owned()),
+        ),
+    ] {
+        let out = as_node.run_with_stdin(&args, stdin.as_deref());
+        assert!(!out.status.success(), "{args:?} allowed to a node");
+        assert!(
+            stderr(&out).contains("forbidden") || stderr(&out).contains("Forbidden"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&kubeconfig)
             .expect("kubeconfig")

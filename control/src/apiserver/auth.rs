@@ -229,6 +229,60 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The group every node's credential carries.
+pub const NODES: &str = "system:nodes";
+
+/// The node a user is, when it is one (`system:node:<name>` in `system:nodes`).
+pub fn node_name(user: &User) -> Option<&str> {
+    user.groups
+        .iter()
+        .any(|g| g == NODES)
+        .then(|| user.name.strip_prefix("system:node:"))
+        .flatten()
+        .filter(|n| !n.is_empty())
+}
+
+/// The Node authorizer (before RBAC, as in Kubernetes): a node reads Nodes, writes only
+/// its own Node, its status and its Lease, asks for certificates and writes Events.
+/// What it does not allow, RBAC may (nothing, by default). Creates carry no name here;
+/// [`node_may_create`] checks the body's.
+fn node_allows(user: &User, attrs: &Attributes<'_>) -> bool {
+    let Some(node) = node_name(user) else {
+        return false;
+    };
+    let Some(r) = &attrs.resource else {
+        return false;
+    };
+    let own = r.name.is_none_or(|n| n == node);
+    let read = matches!(attrs.verb, "get" | "list" | "watch");
+    let write = matches!(attrs.verb, "create" | "update" | "patch");
+    match (r.group, r.resource, r.subresource) {
+        ("", "nodes", None) => read || (write && own),
+        ("", "nodes", Some("status")) => (read || write) && own,
+        ("coordination.k8s.io", "leases", None) => {
+            r.namespace == Some("kube-node-lease") && (matches!(attrs.verb, "get") || write) && own
+        }
+        ("certificates.k8s.io", "certificatesigningrequests", None) => {
+            read || attrs.verb == "create"
+        }
+        ("", "events", None) | ("events.k8s.io", "events", None) => {
+            matches!(attrs.verb, "create" | "update" | "patch")
+        }
+        _ => false,
+    }
+}
+
+/// NodeRestriction for creates: a node creates only its own Node and Lease.
+pub fn node_may_create(user: &User, kind_resource: &str, name: &str) -> Result<(), String> {
+    match node_name(user) {
+        Some(node) if matches!(kind_resource, "nodes" | "leases") && name != node => Err(format!(
+            "node {node:?} is not allowed to modify {} {name:?}",
+            kind_resource.trim_end_matches('s')
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// What a request asks to do, as RBAC sees it.
 #[derive(Debug, Clone)]
 pub struct Attributes<'a> {
@@ -326,6 +380,9 @@ fn role_rules(cache: &Cache, role_ref: &Value, namespace: Option<&str>) -> Vec<V
 /// Allows or refuses; the refusal says why in Kubernetes' words.
 pub fn authorize(cache: &Cache, user: &User, attrs: &Attributes<'_>) -> Result<(), String> {
     if user.groups.iter().any(|g| g == MASTERS) {
+        return Ok(());
+    }
+    if node_allows(user, attrs) {
         return Ok(());
     }
     let bound = |binding: &Value| {
@@ -452,18 +509,6 @@ pub fn default_rbac() -> Vec<Value> {
             "system:node-bootstrapper",
             brink_proto::bootstrap::NODE_TOKEN_GROUP,
         ),
-        // What a node writes about itself. Until the Node authorizer narrows it to the
-        // node's own objects, every node may write every Node and Lease.
-        role(
-            "system:node",
-            json!([
-                {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "create", "update", "patch"]},
-                {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["get", "update", "patch"]},
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
-                {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get", "list", "watch"]},
-            ]),
-        ),
-        binding("system:node", "system:node", "system:nodes"),
         binding("cluster-admin", "cluster-admin", MASTERS),
         binding("system:discovery", "system:discovery", AUTHENTICATED),
     ]
@@ -486,6 +531,75 @@ mod tests {
             }),
             path: "",
         }
+    }
+
+    #[test]
+    fn a_node_writes_only_its_own_node_and_lease() {
+        let node = User {
+            name: "system:node:a".into(),
+            uid: String::new(),
+            groups: vec![NODES.into(), AUTHENTICATED.into()],
+        };
+        let ask = |verb, group, resource, sub, name, ns| Attributes {
+            verb,
+            resource: Some(ResourceAttributes {
+                group,
+                resource,
+                subresource: sub,
+                name,
+                namespace: ns,
+            }),
+            path: "",
+        };
+        assert!(node_allows(
+            &node,
+            &ask("patch", "", "nodes", None, Some("a"), None)
+        ));
+        assert!(node_allows(
+            &node,
+            &ask("patch", "", "nodes", Some("status"), Some("a"), None)
+        ));
+        assert!(node_allows(
+            &node,
+            &ask("list", "", "nodes", None, None, None)
+        ));
+        assert!(!node_allows(
+            &node,
+            &ask("patch", "", "nodes", None, Some("b"), None)
+        ));
+        assert!(!node_allows(
+            &node,
+            &ask("delete", "", "nodes", None, Some("a"), None)
+        ));
+        let lease = |name, ns| {
+            ask(
+                "update",
+                "coordination.k8s.io",
+                "leases",
+                None,
+                Some(name),
+                Some(ns),
+            )
+        };
+        assert!(node_allows(&node, &lease("a", "kube-node-lease")));
+        assert!(!node_allows(&node, &lease("b", "kube-node-lease")));
+        assert!(!node_allows(&node, &lease("a", "default")));
+        assert!(!node_allows(
+            &node,
+            &ask("get", "", "secrets", None, Some("s"), Some("default"))
+        ));
+        // Not a node: the group and the name prefix both matter.
+        let pretender = User {
+            groups: vec![AUTHENTICATED.into()],
+            ..node.clone()
+        };
+        assert!(!node_allows(
+            &pretender,
+            &ask("patch", "", "nodes", None, Some("a"), None)
+        ));
+        assert_eq!(node_may_create(&node, "nodes", "a"), Ok(()));
+        assert!(node_may_create(&node, "leases", "b").is_err());
+        assert_eq!(node_may_create(&pretender, "nodes", "b"), Ok(()));
     }
 
     #[test]

@@ -1167,6 +1167,7 @@ async fn create_object(
     };
     managed::store(&mut object, &entries);
     let name = name_of(&object);
+    super::auth::node_may_create(call.user, kind.resource, &name).map_err(ApiError::forbidden)?;
     check_namespace(call, target).await?;
     let key = kind.key(
         object
