@@ -486,6 +486,17 @@ impl Call<'_> {
         Ok(manager)
     }
 
+    /// The body's media type, parameters dropped (`application/json; charset=utf-8` is
+    /// `application/json`).
+    fn media_type(&self) -> String {
+        self.content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    }
+
     fn wants_table(&self) -> bool {
         self.accept.contains("as=Table")
     }
@@ -756,13 +767,7 @@ type PatchFn = fn(&mut Value, &[u8]) -> Result<(), patch::PatchError>;
 async fn write_scale(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiError> {
     let name = target.name.clone().unwrap_or_default();
     let patching = call.method == Method::PATCH;
-    let media = call
-        .content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_owned();
+    let media = call.media_type();
     let apply_patch: Option<PatchFn> = match (patching, media.as_str()) {
         (false, _) => None,
         (true, "application/json-patch+json") => Some(patch::json_patch),
@@ -1533,13 +1538,7 @@ async fn apply_patch(
 }
 
 async fn patch_object(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiError> {
-    let media = call
-        .content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_owned();
+    let media = call.media_type();
     let text = std::str::from_utf8(&call.body)
         .map_err(|_| ApiError::bad_request("the patch is not UTF-8"))?;
     brink_proto::meta::check_nesting(text, brink_proto::meta::MAX_NESTING)
