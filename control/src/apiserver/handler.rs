@@ -1919,6 +1919,15 @@ pub async fn serve_request(
         .await
 }
 
+/// A request header as text ("" when absent or not text).
+fn header_text(headers: &http::HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
 async fn serve_request_in_span(
     state: Arc<ApiState>,
     user: Option<User>,
@@ -1927,12 +1936,7 @@ async fn serve_request_in_span(
 ) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
-    let accept = parts
-        .headers
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let accept = header_text(&parts.headers, "accept");
     // Health and version answer without credentials, as Kubernetes' public-info-viewer
     // role allows; everything else needs a user.
     let public = matches!(
@@ -2004,18 +2008,8 @@ async fn serve_request_in_span(
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
-    let content_type = parts
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let user_agent = parts
-        .headers
-        .get("user-agent")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let content_type = header_text(&parts.headers, "content-type");
+    let user_agent = header_text(&parts.headers, "user-agent");
     let mutating = !matches!(parts.method, Method::GET | Method::HEAD);
     let method = parts.method.clone();
     let kind = target.kind.qualified();

@@ -159,20 +159,20 @@ impl Worker {
     }
 
     fn update(&self, f: impl FnOnce(&mut PodRecord)) {
+        // The sink is told after every update; it keeps what it needs and coalesces
+        // (a sink that writes somewhere must not write an unchanged status again).
         let (readiness_changed, status) = match self.record.write() {
             Ok(mut record) => {
                 let was_ready = record.all_ready();
-                let before = record.status();
                 f(&mut record);
                 let ready = record.all_ready();
                 if ready != was_ready {
                     record.ready_since = Timestamp::now();
                 }
-                let after = record.status();
                 let uid = record.pod.metadata.uid.clone().unwrap_or_default();
                 (
                     (ready != was_ready).then_some(ready),
-                    (after != before).then_some((uid, after)),
+                    Some((uid, record.status())),
                 )
             }
             Err(_) => (None, None),

@@ -7,8 +7,9 @@ use k8s_openapi::api::core::v1::PodStatus;
 
 /// Receives every change of every pod's status on this node.
 pub trait StatusSink: Send + Sync + 'static {
-    /// `key` (`namespace/name`) with `uid` now has `status`. Called from pod workers: it
-    /// must return at once (a sink that writes somewhere slow queues and coalesces).
+    /// `key` (`namespace/name`) with `uid` now has `status`. Called from pod workers
+    /// after every update of the pod's record, changed or not: it must return at once,
+    /// and a sink that writes somewhere queues, coalesces and skips unchanged status.
     fn changed(&self, key: &str, uid: &str, status: &PodStatus);
 }
 
