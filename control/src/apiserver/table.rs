@@ -83,20 +83,43 @@ fn pod_cells(pod: &Value) -> Vec<Value> {
     if !s(pod, "/status/reason").is_empty() {
         status = s(pod, "/status/reason").to_owned();
     }
-    for c in &statuses {
-        let waiting = c
-            .pointer("/state/waiting/reason")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let terminated = c
-            .pointer("/state/terminated/reason")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if !waiting.is_empty() {
-            status = waiting.to_owned();
-        } else if !terminated.is_empty() && status == "Running" {
-            status = terminated.to_owned();
+    // kubectl's printPod: the last container with something to say names the status.
+    let mut running = false;
+    for c in statuses.iter().rev() {
+        let at = |path: &str| c.pointer(path).and_then(Value::as_str).unwrap_or("");
+        if !at("/state/waiting/reason").is_empty() {
+            status = at("/state/waiting/reason").to_owned();
+        } else if let Some(terminated) = c.pointer("/state/terminated") {
+            status = match terminated.get("reason").and_then(Value::as_str) {
+                Some(reason) if !reason.is_empty() => reason.to_owned(),
+                _ => match terminated.get("signal").and_then(Value::as_i64) {
+                    Some(signal) if signal != 0 => format!("Signal:{signal}"),
+                    _ => format!(
+                        "ExitCode:{}",
+                        terminated
+                            .get("exitCode")
+                            .and_then(Value::as_i64)
+                            .unwrap_or(0)
+                    ),
+                },
+            };
+        } else if c.get("ready").and_then(Value::as_bool) == Some(true)
+            && c.pointer("/state/running").is_some()
+        {
+            running = true;
         }
+    }
+    if status == "Completed" && running {
+        let ready = pod
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|c| {
+                c.iter().any(|c| {
+                    c.get("type").and_then(Value::as_str) == Some("Ready")
+                        && c.get("status").and_then(Value::as_str) == Some("True")
+                })
+            });
+        status = if ready { "Running" } else { "NotReady" }.to_owned();
     }
     if pod.pointer("/metadata/deletionTimestamp").is_some() {
         status = "Terminating".into();
@@ -717,5 +740,19 @@ mod tests {
         assert_eq!(t["columnDefinitions"][1]["name"], "Ready");
         assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
         assert_eq!(age("garbage"), "<unknown>");
+        // A finished pod shows its container's end, as kubectl's printPod does.
+        let status = |phase: &str, containers: serde_json::Value| {
+            let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}, {"name": "b"}]},
+                             "status": {"phase": phase, "containerStatuses": containers,
+                                        "conditions": [{"type": "Ready", "status": "True"}]}});
+            table(pods, &[&pod], "5", None, "Metadata")["rows"][0]["cells"][2].clone()
+        };
+        let done = json!({"state": {"terminated": {"reason": "Completed", "exitCode": 0}}});
+        let crashed = json!({"state": {"terminated": {"exitCode": 3}}});
+        let running = json!({"ready": true, "state": {"running": {}}});
+        assert_eq!(status("Succeeded", json!([done, done])), "Completed");
+        assert_eq!(status("Failed", json!([crashed, done])), "ExitCode:3");
+        assert_eq!(status("Running", json!([running, done])), "Running");
+        assert_eq!(status("Running", json!([running, running])), "Running");
     }
 }
