@@ -430,21 +430,31 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
                 lease_renew: args.site.node_lease_renew,
                 status_report: args.site.node_status_report,
             };
-            Some(tokio::spawn(brink_node::registration::run(
+            Some((
+                tokio::spawn(brink_node::registration::run(
+                    client.clone(),
+                    registration,
+                    shutdown_signal(),
+                )),
                 client,
-                registration,
-                shutdown_signal(),
-            )))
+            ))
         }
         None => None,
     };
     match (args.manifests, heartbeat) {
-        (Some(manifests), _) => run_manifests(settings, manifests).await,
-        (None, Some(heartbeat)) => {
-            tracing::warn!(
-                "running the site's pods on this node is not implemented yet: it is registered and heartbeats; give --manifests DIR to run pods meanwhile"
-            );
-            heartbeat.await.context("the heartbeat task")?;
+        (Some(manifests), heartbeat) => {
+            if heartbeat.is_some() {
+                tracing::warn!(
+                    "--manifests with a site: the node runs the manifests' pods only; mirror pods on the site are not implemented yet"
+                );
+            }
+            run_manifests(settings, manifests).await
+        }
+        (None, Some((_heartbeat, client))) => {
+            let source = brink_node::source::kube::SiteSettings::new(&settings.node_name);
+            let (pods, status) = brink_node::source::kube::start(client, source);
+            let agent = Agent::with_status(settings, status)?;
+            agent.run(pods, shutdown_signal()).await?;
             Ok(())
         }
         (None, None) => anyhow::bail!("no pods to run and no site to join"),

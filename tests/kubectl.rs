@@ -1511,13 +1511,219 @@ fn a_node_joins_with_a_token_and_heartbeats() {
     drop(node);
 
     // Restarted with only its kubeconfig, it needs no token (a deleted one would do).
-    let _again = start_node(
-        &dir,
-        "shop-7",
-        &["--kubeconfig", kubeconfig.to_str().expect("utf-8")],
-    );
+    let again = start_node(&dir, "shop-7", &node_flags(&kubeconfig));
     let before = renewed(&admin);
     wait_for("the restarted node's lease", || {
         (renewed(&admin) != before).then_some(())
     });
+    pods_on_a_joined_node(&admin, &as_node, &dir, again);
+}
+
+/// A joined node's flags: its own credential, host ports on loopback.
+fn node_flags(kubeconfig: &Path) -> Vec<&str> {
+    vec![
+        "--kubeconfig",
+        kubeconfig.to_str().expect("utf-8"),
+        "--host-port-address",
+        "127.0.0.1",
+        "--crash-loop-backoff",
+        "200ms",
+    ]
+}
+
+/// The pods the site binds to node `shop-7` run there, report status through the API,
+/// survive the agent restarting, and go when deleted; the node reads only what its
+/// pods use.
+fn pods_on_a_joined_node(
+    admin: &Kubectl<'_>,
+    as_node: &Kubectl<'_>,
+    dir: &Path,
+    node: NodeProcess,
+) {
+    let images = tempfile::tempdir().expect("tempdir");
+    let hello = layout_image(images.path(), "hello");
+    let job = layout_image(images.path(), "job");
+    let port = free_port();
+    admin.ok(&["create", "namespace", "shop"]);
+    admin.ok(&[
+        "-n",
+        "shop",
+        "create",
+        "secret",
+        "generic",
+        "unrelated",
+        "--from-literal=k=v",
+    ]);
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\n  namespace: shop\nspec:\n  nodeName: shop-7\n  terminationGracePeriodSeconds: 2\n  containers:\n  - name: hello\n    image: {hello}\n    ports:\n    - containerPort: 8080\n      hostPort: {port}\n    volumeMounts:\n    - name: settings\n      mountPath: /settings\n  volumes:\n  - name: settings\n    configMap:\n      name: settings\n"
+    );
+    let created = admin.run_with_stdin(&["create", "-f", "-"], Some(&pod));
+    assert!(created.status.success(), "{}", stderr(&created));
+    let field = |name: &str, path: &str| {
+        admin.ok(&[
+            "-n",
+            "shop",
+            "get",
+            "pod",
+            name,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    };
+    // Its ConfigMap is missing: the pod waits, and says why, through the API.
+    let waiting = wait_for("the pod to wait for its ConfigMap", || {
+        let m = field(
+            "hello",
+            "{.status.containerStatuses[0].state.waiting.message}",
+        );
+        m.contains("settings").then_some(m)
+    });
+    assert!(waiting.contains("shop/settings"), "{waiting}");
+    // The node reads what its pods use (a missing one is NotFound, not Forbidden) and
+    // nothing else.
+    let missing = as_node.fails(&["-n", "shop", "get", "configmap", "settings"]);
+    assert!(
+        missing.contains("NotFound") || missing.contains("not found"),
+        "{missing}"
+    );
+    let mine = as_node.ok(&[
+        "get",
+        "pods",
+        "-A",
+        "--field-selector",
+        "spec.nodeName=shop-7",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(mine.trim(), "pod/hello");
+    for args in [
+        vec!["-n", "shop", "get", "secret", "unrelated"],
+        vec!["-n", "shop", "get", "pods"],
+        vec![
+            "get",
+            "pods",
+            "-A",
+            "--field-selector",
+            "spec.nodeName=elsewhere",
+        ],
+        vec!["-n", "shop", "get", "configmap", "other"],
+    ] {
+        let err = as_node.fails(&args);
+        assert!(
+            err.contains("forbidden") || err.contains("Forbidden"),
+            "{args:?}: {err}"
+        );
+    }
+    admin.ok(&[
+        "-n",
+        "shop",
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=greeting=hi",
+    ]);
+    admin.ok(&[
+        "-n",
+        "shop",
+        "wait",
+        "--for=condition=Ready",
+        "pod/hello",
+        "--timeout=60s",
+    ]);
+    let served = http_get(format!("127.0.0.1:{port}").parse().expect("addr"), "/").expect("hello");
+    assert_eq!(served.status, 200);
+    let wide = admin.ok(&["-n", "shop", "get", "pod", "hello", "-o", "wide"]);
+    let hello_row = row(&wide, "hello");
+    assert_eq!(hello_row[1..3], ["1/1", "Running"], "{wide}");
+    assert!(hello_row.contains(&"shop-7"), "{wide}");
+    assert_eq!(field("hello", "{.status.hostIP}"), "127.0.0.1");
+    let uid = field("hello", "{.metadata.uid}");
+
+    // A pod no Brink node can run is refused by the API itself, saying which field; a
+    // run-to-completion pod ends Succeeded.
+    let unsupported = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: probes\n  namespace: shop\nspec:\n  nodeName: shop-7\n  containers:\n  - name: c\n    image: IMAGE\n    livenessProbe:\n      exec:\n        command: [\"true\"]\n".replace("IMAGE", &hello);
+    let refused = admin.run_with_stdin(&["create", "-f", "-"], Some(&unsupported));
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(
+        message.contains("livenessProbe") && message.contains("httpGet"),
+        "{message}"
+    );
+    let run_once = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: once\n  namespace: shop\nspec:\n  nodeName: shop-7\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: once\n    image: {job}\n    args: [\"--lines\", \"2\"]\n"
+    );
+    admin.run_with_stdin(&["create", "-f", "-"], Some(&run_once));
+    wait_for("the run-once pod to succeed", || {
+        (field("once", "{.status.phase}") == "Succeeded").then_some(())
+    });
+    let finished = field(
+        "once",
+        "{.status.containerStatuses[0].state.terminated.finishedAt}",
+    );
+    let table = admin.ok(&["-n", "shop", "get", "pods"]);
+    assert_eq!(row(&table, "once")[2], "Completed", "{table}");
+
+    // The agent restarts: the running pod comes back under the same uid and restart
+    // count, the finished one is not run again.
+    drop(node);
+    let kubeconfig = dir.join("kubeconfig");
+    let node = start_node(dir, "shop-7", &node_flags(&kubeconfig));
+    admin.ok(&[
+        "-n",
+        "shop",
+        "wait",
+        "--for=condition=Ready",
+        "pod/hello",
+        "--timeout=60s",
+    ]);
+    wait_for("hello to serve again", || {
+        http_get(format!("127.0.0.1:{port}").parse().expect("addr"), "/")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    assert_eq!(field("hello", "{.metadata.uid}"), uid);
+    assert_eq!(
+        field("hello", "{.status.containerStatuses[0].restartCount}"),
+        "0"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(field("once", "{.status.phase}"), "Succeeded");
+    assert_eq!(
+        field(
+            "once",
+            "{.status.containerStatuses[0].state.terminated.finishedAt}"
+        ),
+        finished,
+        "a finished pod does not run again"
+    );
+
+    // Deleted gracefully: the node stops it, then finishes the deletion.
+    admin.ok(&["-n", "shop", "delete", "pod", "hello", "--wait=false"]);
+    admin.ok(&[
+        "-n",
+        "shop",
+        "wait",
+        "--for=delete",
+        "pod/hello",
+        "--timeout=30s",
+    ]);
+    wait_for("hello's port to close", || {
+        http_get(format!("127.0.0.1:{port}").parse().expect("addr"), "/")
+            .is_err()
+            .then_some(())
+    });
+    // Deleting a finished pod needs no node: it goes at once.
+    admin.ok(&["-n", "shop", "delete", "pod", "once"]);
+    admin.ok(&[
+        "-n",
+        "placed",
+        "delete",
+        "pods",
+        "--all",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let left = admin.ok(&["-n", "shop", "get", "pods", "-o", "name"]);
+    assert_eq!(left.trim(), "", "{left}");
+    drop(node);
 }

@@ -91,7 +91,16 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// A node whose pod status stays in its own records (a standalone node).
     pub fn new(settings: NodeSettings) -> Result<Arc<Self>, AgentError> {
+        Self::with_status(settings, Arc::new(crate::source::status::RecordsOnly))
+    }
+
+    /// A node that reports pod status to `status` (a site's API).
+    pub fn with_status(
+        settings: NodeSettings,
+        status: Arc<dyn crate::source::StatusSink>,
+    ) -> Result<Arc<Self>, AgentError> {
         let metrics = Arc::new(Metrics::default());
         let images = ImageService::new(settings.clone(), metrics.clone())?;
         let runtime = Runtime::new(&settings, metrics.clone())?;
@@ -186,7 +195,7 @@ impl Agent {
                 cgroups,
                 spares,
                 gateway,
-                status: Arc::new(crate::source::status::RecordsOnly),
+                status,
             }),
             pods: RwLock::new(HashMap::new()),
             source_errors: RwLock::new(Vec::new()),
@@ -332,7 +341,14 @@ impl Agent {
             .filter_map(|h| h.snapshot().and_then(|r| r.pod.metadata.uid))
             .collect();
         let data_dir = self.ctx.settings.data_dir.clone();
+        let stopping: Vec<(String, String)> = to_stop
+            .iter()
+            .filter_map(|h| Some((h.key.clone(), h.snapshot()?.pod.metadata.uid?)))
+            .collect();
         futures::future::join_all(to_stop.into_iter().map(stop_handle)).await;
+        for (key, uid) in &stopping {
+            self.ctx.status.stopped(key, uid);
+        }
         // A pod that is gone (or changed, which is a new pod) gives its ID range back;
         // records of pods removed while the agent was down go on the first pass.
         let live: Vec<String> = wanted

@@ -243,10 +243,14 @@ pub fn node_name(user: &User) -> Option<&str> {
 }
 
 /// The Node authorizer (before RBAC, as in Kubernetes): a node reads Nodes, writes only
-/// its own Node, its status and its Lease, asks for certificates and writes Events.
-/// What it does not allow, RBAC may (nothing, by default). Creates carry no name here;
+/// its own Node, its status and its Lease, asks for certificates and writes Events; it
+/// reads the pods bound to it (listing and watching them only through
+/// `fieldSelector=spec.nodeName=<node>`), writes their status and deletes them, and
+/// reads the ConfigMaps and Secrets those pods use, one by name (a list or watch names
+/// it with `fieldSelector=metadata.name=<name>`, as kube-apiserver reads it). What it does
+/// not allow, RBAC may (nothing, by default). Creates carry no name here;
 /// [`node_may_create`] checks the body's.
-fn node_allows(user: &User, attrs: &Attributes<'_>) -> bool {
+fn node_allows(cache: &Cache, user: &User, attrs: &Attributes<'_>) -> bool {
     let Some(node) = node_name(user) else {
         return false;
     };
@@ -256,9 +260,30 @@ fn node_allows(user: &User, attrs: &Attributes<'_>) -> bool {
     let own = r.name.is_none_or(|n| n == node);
     let read = matches!(attrs.verb, "get" | "list" | "watch");
     let write = matches!(attrs.verb, "create" | "update" | "patch");
+    let namespace = r.namespace.unwrap_or("");
+    // The one object a request is about: its name, or the name its field selector pins.
+    let one = r
+        .name
+        .or_else(|| selected(r.field_selector, "metadata.name"));
+    let pod = |name: &str| cache.get(&format!("/registry/core/pods/{namespace}/{name}"));
+    let bound = || one.and_then(pod).is_some_and(|p| pod_bound_to(&p, node));
     match (r.group, r.resource, r.subresource) {
         ("", "nodes", None) => read || (write && own),
         ("", "nodes", Some("status")) => (read || write) && own,
+        ("", "pods", None) => match attrs.verb {
+            "get" | "delete" => bound(),
+            "list" | "watch" => selected(r.field_selector, "spec.nodeName") == Some(node),
+            _ => false,
+        },
+        ("", "pods", Some("status")) => matches!(attrs.verb, "get" | "update" | "patch") && bound(),
+        ("", resource @ ("configmaps" | "secrets"), None) => {
+            read && one.is_some_and(|name| {
+                let (pods, _) = cache.list(&format!("/registry/core/pods/{namespace}/"));
+                pods.iter()
+                    .filter(|p| pod_bound_to(p, node))
+                    .any(|p| pod_references(p, resource, name))
+            })
+        }
         ("coordination.k8s.io", "leases", None) => {
             r.namespace == Some("kube-node-lease") && (matches!(attrs.verb, "get") || write) && own
         }
@@ -270,6 +295,61 @@ fn node_allows(user: &User, attrs: &Attributes<'_>) -> bool {
         }
         _ => false,
     }
+}
+
+/// The value a field selector requires of `field` (`field=value` or `field==value`).
+fn selected<'a>(selector: Option<&'a str>, field: &str) -> Option<&'a str> {
+    selector?.split(',').find_map(|term| {
+        let (key, value) = term.split_once('=')?;
+        (key.trim() == field).then(|| value.trim_start_matches('=').trim())
+    })
+}
+
+fn pod_bound_to(pod: &Value, node: &str) -> bool {
+    pod.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node)
+}
+
+/// Whether a pod uses the ConfigMap or Secret `name`: its volumes (projected sources
+/// too), its containers' env and envFrom, its image pull secrets.
+fn pod_references(pod: &Value, resource: &str, name: &str) -> bool {
+    let named = |v: Option<&Value>, field: &str| {
+        v.and_then(|v| v.get(field)).and_then(Value::as_str) == Some(name)
+    };
+    let list = |v: Option<&Value>| v.and_then(Value::as_array).cloned().unwrap_or_default();
+    let spec = pod.get("spec");
+    let (volume_key, volume_name, env_key, pull_secrets) = match resource {
+        "configmaps" => ("configMap", "name", "configMapKeyRef", false),
+        _ => ("secret", "secretName", "secretKeyRef", true),
+    };
+    let env_from_key = if pull_secrets {
+        "secretRef"
+    } else {
+        "configMapRef"
+    };
+    let volumes = list(spec.and_then(|s| s.get("volumes")));
+    let in_volumes = volumes.iter().any(|v| {
+        named(v.get(volume_key), volume_name)
+            || list(v.pointer("/projected/sources"))
+                .iter()
+                .any(|source| named(source.get(volume_key), "name"))
+    });
+    let containers = ["containers", "initContainers", "ephemeralContainers"]
+        .iter()
+        .flat_map(|k| list(spec.and_then(|s| s.get(*k))))
+        .collect::<Vec<_>>();
+    let in_env = containers.iter().any(|c| {
+        list(c.get("env"))
+            .iter()
+            .any(|e| named(e.pointer("/valueFrom").and_then(|f| f.get(env_key)), "name"))
+            || list(c.get("envFrom"))
+                .iter()
+                .any(|e| named(e.get(env_from_key), "name"))
+    });
+    let in_pull_secrets = pull_secrets
+        && list(spec.and_then(|s| s.get("imagePullSecrets")))
+            .iter()
+            .any(|s| named(Some(s), "name"));
+    in_volumes || in_env || in_pull_secrets
 }
 
 /// NodeRestriction for creates: a node creates only its own Node and Lease.
@@ -300,6 +380,9 @@ pub struct ResourceAttributes<'a> {
     pub subresource: Option<&'a str>,
     pub name: Option<&'a str>,
     pub namespace: Option<&'a str>,
+    /// A list's or watch's `fieldSelector`, where the Node authorizer reads which node's
+    /// pods, or which one object, it asks for.
+    pub field_selector: Option<&'a str>,
 }
 
 fn strings(value: Option<&Value>) -> Vec<&str> {
@@ -382,7 +465,7 @@ pub fn authorize(cache: &Cache, user: &User, attrs: &Attributes<'_>) -> Result<(
     if user.groups.iter().any(|g| g == MASTERS) {
         return Ok(());
     }
-    if node_allows(user, attrs) {
+    if node_allows(cache, user, attrs) {
         return Ok(());
     }
     let bound = |binding: &Value| {
@@ -528,6 +611,7 @@ mod tests {
                 subresource: None,
                 name: None,
                 namespace,
+                field_selector: None,
             }),
             path: "",
         }
@@ -540,6 +624,7 @@ mod tests {
             uid: String::new(),
             groups: vec![NODES.into(), AUTHENTICATED.into()],
         };
+        let cache = Cache::new(Default::default());
         let ask = |verb, group, resource, sub, name, ns| Attributes {
             verb,
             resource: Some(ResourceAttributes {
@@ -548,26 +633,32 @@ mod tests {
                 subresource: sub,
                 name,
                 namespace: ns,
+                field_selector: None,
             }),
             path: "",
         };
         assert!(node_allows(
+            &cache,
             &node,
             &ask("patch", "", "nodes", None, Some("a"), None)
         ));
         assert!(node_allows(
+            &cache,
             &node,
             &ask("patch", "", "nodes", Some("status"), Some("a"), None)
         ));
         assert!(node_allows(
+            &cache,
             &node,
             &ask("list", "", "nodes", None, None, None)
         ));
         assert!(!node_allows(
+            &cache,
             &node,
             &ask("patch", "", "nodes", None, Some("b"), None)
         ));
         assert!(!node_allows(
+            &cache,
             &node,
             &ask("delete", "", "nodes", None, Some("a"), None)
         ));
@@ -581,10 +672,11 @@ mod tests {
                 Some(ns),
             )
         };
-        assert!(node_allows(&node, &lease("a", "kube-node-lease")));
-        assert!(!node_allows(&node, &lease("b", "kube-node-lease")));
-        assert!(!node_allows(&node, &lease("a", "default")));
+        assert!(node_allows(&cache, &node, &lease("a", "kube-node-lease")));
+        assert!(!node_allows(&cache, &node, &lease("b", "kube-node-lease")));
+        assert!(!node_allows(&cache, &node, &lease("a", "default")));
         assert!(!node_allows(
+            &cache,
             &node,
             &ask("get", "", "secrets", None, Some("s"), Some("default"))
         ));
@@ -594,12 +686,51 @@ mod tests {
             ..node.clone()
         };
         assert!(!node_allows(
+            &cache,
             &pretender,
             &ask("patch", "", "nodes", None, Some("a"), None)
         ));
         assert_eq!(node_may_create(&node, "nodes", "a"), Ok(()));
         assert!(node_may_create(&node, "leases", "b").is_err());
         assert_eq!(node_may_create(&pretender, "nodes", "b"), Ok(()));
+    }
+
+    #[test]
+    fn a_node_finds_its_pods_and_what_they_use() {
+        assert_eq!(
+            selected(
+                Some("spec.nodeName=a,status.phase!=Failed"),
+                "spec.nodeName"
+            ),
+            Some("a")
+        );
+        assert_eq!(
+            selected(Some("metadata.name==x"), "metadata.name"),
+            Some("x")
+        );
+        assert_eq!(selected(Some("spec.nodeName!=a"), "spec.nodeName"), None);
+        assert_eq!(selected(None, "spec.nodeName"), None);
+        let pod = json!({"spec": {
+            "nodeName": "a",
+            "volumes": [
+                {"name": "v", "configMap": {"name": "settings"}},
+                {"name": "p", "projected": {"sources": [{"secret": {"name": "projected-key"}}]}},
+                {"name": "s", "secret": {"secretName": "keys"}},
+            ],
+            "containers": [{"name": "c", "env": [{"name": "E", "valueFrom": {"configMapKeyRef": {"name": "env-cm", "key": "k"}}}],
+                             "envFrom": [{"secretRef": {"name": "env-secret"}}]}],
+            "imagePullSecrets": [{"name": "pull"}],
+        }});
+        assert!(pod_bound_to(&pod, "a") && !pod_bound_to(&pod, "b"));
+        for name in ["settings", "env-cm"] {
+            assert!(pod_references(&pod, "configmaps", name), "{name}");
+        }
+        for name in ["keys", "projected-key", "env-secret", "pull"] {
+            assert!(pod_references(&pod, "secrets", name), "{name}");
+        }
+        assert!(!pod_references(&pod, "secrets", "settings"));
+        assert!(!pod_references(&pod, "configmaps", "keys"));
+        assert!(!pod_references(&pod, "configmaps", "other"));
     }
 
     #[test]

@@ -622,6 +622,7 @@ pub async fn resource(call: Call<'_>, target: Target) -> Response<Body> {
             subresource: target.subresource.as_deref(),
             name: target.name.as_deref(),
             namespace: target.namespace.as_deref(),
+            field_selector: call.q("fieldSelector"),
         }),
         path: "",
     };

@@ -18,10 +18,21 @@ pub use worker::PodHandle;
 use k8s_openapi::api::core::v1::Pod;
 use sha2::Digest as _;
 
-/// A digest of everything in a pod manifest: a changed manifest is a new pod, as with a
-/// kubelet's static pods.
+/// What makes a pod the same pod. Without a uid (a manifest's pod) it is everything in
+/// the manifest: a changed manifest is a new pod, as with a kubelet's static pods. With
+/// one (an API pod) it is the uid, spec and annotations: the API server writes status,
+/// labels, owners and versions without the pod being replaced, while an edited spec (a
+/// new image) starts it again. Status never counts.
 pub fn fingerprint(pod: &Pod) -> String {
-    let bytes = serde_json::to_vec(pod).unwrap_or_default();
+    let bytes = match &pod.metadata.uid {
+        Some(uid) => serde_json::to_vec(&(uid, &pod.metadata.annotations, &pod.spec)),
+        None if pod.status.is_none() => serde_json::to_vec(pod),
+        None => serde_json::to_vec(&Pod {
+            status: None,
+            ..pod.clone()
+        }),
+    }
+    .unwrap_or_default();
     hex::encode(sha2::Sha256::digest(bytes))
 }
 

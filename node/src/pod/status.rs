@@ -83,7 +83,19 @@ pub struct PodRecord {
 }
 
 impl PodRecord {
-    pub fn new(pod: Pod, host_ip: String) -> Self {
+    /// A new record for `pod`. A status the pod already carries (an API pod, after the
+    /// agent restarted) is taken up: restart counts and start time go on, and a pod that
+    /// had finished stays finished instead of running again.
+    pub fn new(mut pod: Pod, host_ip: String) -> Self {
+        let previous = pod.status.take();
+        let mut record = Self::fresh(pod, host_ip);
+        if let Some(previous) = &previous {
+            record.resume(previous);
+        }
+        record
+    }
+
+    fn fresh(pod: Pod, host_ip: String) -> Self {
         let now = Timestamp::now();
         let containers = pod
             .spec
@@ -114,6 +126,53 @@ impl PodRecord {
             ready_since: now,
             rejected: None,
         }
+    }
+
+    fn resume(&mut self, previous: &PodStatus) {
+        let time = |t: &Option<Time>| t.as_ref().map(|t| t.0);
+        if let Some(start) = time(&previous.start_time) {
+            self.start_time = start;
+            self.ready_since = start;
+        }
+        let phase = previous.phase.as_deref().unwrap_or_default();
+        let terminal = matches!(phase, "Succeeded" | "Failed");
+        let statuses = previous.container_statuses.as_deref().unwrap_or_default();
+        let mut ended = 0;
+        for c in &mut self.containers {
+            let Some(status) = statuses.iter().find(|s| s.name == c.name) else {
+                continue;
+            };
+            c.restart_count = status.restart_count.max(0);
+            let last = |s: &Option<K8sState>| {
+                let t = s.as_ref()?.terminated.as_ref()?;
+                Some(Terminated {
+                    exit_code: t.exit_code,
+                    reason: t.reason.clone().unwrap_or_default(),
+                    message: t.message.clone(),
+                    started_at: time(&t.started_at).unwrap_or(self.start_time),
+                    finished_at: time(&t.finished_at).unwrap_or(self.start_time),
+                })
+            };
+            c.last_state = last(&status.last_state);
+            if terminal && let Some(t) = last(&status.state) {
+                c.state = ContainerState::Terminated(t);
+                c.finished = true;
+                ended += 1;
+            }
+        }
+        if terminal && ended < self.containers.len() {
+            // Finished without every container's end on record (refused before it
+            // ran): it stays refused, with the reason it had.
+            self.rejected = Some((
+                previous.reason.clone().unwrap_or_else(|| phase.to_owned()),
+                previous.message.clone().unwrap_or_default(),
+            ));
+        }
+    }
+
+    /// Whether nothing in the pod will run again.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.phase(), PodPhase::Succeeded | PodPhase::Failed)
     }
 
     pub fn container_mut(&mut self, name: &str) -> Option<&mut ContainerRecord> {

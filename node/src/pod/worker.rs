@@ -214,8 +214,16 @@ impl Worker {
     }
 
     async fn run(mut self) {
-        tracing::info!("pod accepted");
-        let mut state = PodState::Pulling;
+        // A pod that had finished before the agent restarted is not run again.
+        let finished = self.record.read().is_ok_and(|r| r.is_terminal());
+        let mut state = if finished {
+            tracing::info!("pod taken up as finished");
+            self.update(|_| {});
+            PodState::Finished
+        } else {
+            tracing::info!("pod accepted");
+            PodState::Pulling
+        };
         loop {
             state = match state {
                 PodState::Pulling => self.pull().await,

@@ -5,9 +5,11 @@
 //!
 //! Owns: the desired-state types every other module reads ([`DesiredPods`],
 //! [`ConfigObjects`], [`GatewayObjects`]), the sources ([`ManifestDir`] reads manifests
-//! from a directory), and where pod status goes ([`StatusSink`]). It must not touch
+//! from a directory, [`kube::SitePods`] takes the pods a site binds to this node), and
+//! where pod status goes ([`StatusSink`]; [`kube::SiteStatus`] writes it to the site). It must not touch
 //! running pods, sandboxes or ports: it says what is wanted and carries status away.
 
+pub mod kube;
 pub mod manifest_dir;
 pub mod stamps;
 pub mod status;

@@ -11,6 +11,10 @@ pub trait StatusSink: Send + Sync + 'static {
     /// after every update of the pod's record, changed or not: it must return at once,
     /// and a sink that writes somewhere queues, coalesces and skips unchanged status.
     fn changed(&self, key: &str, uid: &str, status: &PodStatus);
+
+    /// The pod `key` with `uid` no longer runs here: its worker has ended because the
+    /// source stopped wanting it. A site's sink finishes a graceful deletion now.
+    fn stopped(&self, _key: &str, _uid: &str) {}
 }
 
 /// The standalone node's sink: status stays in the workers' records, where the kubelet
