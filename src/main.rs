@@ -45,6 +45,8 @@ enum Command {
     Server(server_cmd::ServerArgs),
     /// Read and write a control-plane member's store (a debugging client).
     Store(store_cmd::StoreArgs),
+    /// Run the scheduler against a site or cluster (every `brink server` leader runs one).
+    Scheduler(server_cmd::SchedulerArgs),
     /// Run a native attack inside a pod sandbox and report what happened (for tests).
     #[command(hide = true)]
     SandboxProbe(probe_cmd::ProbeArgs),
@@ -106,6 +108,7 @@ fn main() -> std::process::ExitCode {
             Command::SandboxProbe(args) => probe_cmd::probe(args).await,
             Command::Server(args) => server_cmd::server(args).await,
             Command::Store(args) => store_cmd::store(args).await,
+            Command::Scheduler(args) => server_cmd::scheduler(args).await,
             Command::Chaos { .. } => Err(anyhow::anyhow!("`brink chaos` is not implemented yet")),
         }
     });

@@ -93,6 +93,13 @@ pub struct ServerArgs {
     /// keeps at least one interval of history for watches to resume from.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     compact_interval: Duration,
+    /// How often pods that fit no node are tried again when nothing changed (any node
+    /// or pod change tries them at once).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    scheduler_retry: Duration,
+    /// Pod bindings the scheduler has in flight at once.
+    #[arg(long, default_value_t = 16)]
+    scheduler_parallel_bindings: usize,
     /// The write-ahead log's size in bytes (made once, full of zeros, so a sync never
     /// writes metadata); when it fills, sled is made durable and the log starts over.
     #[arg(long, default_value_t = 16 << 20)]
@@ -160,6 +167,10 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
         },
     };
     settings.check()?;
+    anyhow::ensure!(
+        !args.scheduler_retry.is_zero() && args.scheduler_parallel_bindings >= 1,
+        "--scheduler-retry must be positive and --scheduler-parallel-bindings at least 1"
+    );
     anyhow::ensure!(
         args.api_max_connections >= 1 && args.api_max_watches >= 1,
         "--api-max-connections and --api-max-watches must be at least 1"
@@ -239,6 +250,28 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
         tokens,
         Some(running.pki.ca.clone()),
     );
+    // The scheduler is an API client of this member, with its own identity (RBAC's
+    // system:kube-scheduler), and runs while this member leads.
+    let local_api = match args.api_listen.ip() {
+        ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], args.api_listen.port())),
+        _ => args.api_listen,
+    };
+    let scheduler_client = in_process_client(
+        &running.pki,
+        &local_api.to_string(),
+        "system:kube-scheduler",
+    )
+    .await?;
+    let replica = running.replica.clone();
+    let scheduler = tokio::spawn(brink_control::scheduler::run_while_leading(
+        scheduler_client,
+        brink_control::scheduler::SchedulerSettings {
+            retry: args.scheduler_retry,
+            parallel_bindings: args.scheduler_parallel_bindings,
+            ..Default::default()
+        },
+        move || replica.is_leader(),
+    ));
     if let Some(path) = &kubeconfig {
         eprintln!(
             "brink: the Kubernetes API is at https://{advertise_api}; use it with\n  export KUBECONFIG={}",
@@ -269,9 +302,69 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
         },
     ));
     crate::node_cmd::shutdown_signal().await;
+    scheduler.abort();
     api_server.stop();
     api.abort();
     let _ = api.await;
     tokio::task::spawn_blocking(move || running.stop()).await??;
+    Ok(())
+}
+
+/// A client of this member's own API with a certificate for `user` under the site CA,
+/// made at start and kept in memory only.
+async fn in_process_client(
+    pki: &brink_control::peers::pki::MemberPki,
+    server: &str,
+    user: &str,
+) -> anyhow::Result<kube::Client> {
+    let credential = pki.ca.issue_api_client(user, &[])?;
+    let text = brink_control::peers::pki::kubeconfig(
+        &pki.ca.cert_pem,
+        &[server.to_owned()],
+        user,
+        &credential,
+    );
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&text).context("in-process kubeconfig")?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .context("in-process kubeconfig")?;
+    kube::Client::try_from(config).context("in-process client")
+}
+
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// The kubeconfig to schedule with (it needs system:kube-scheduler's rights).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: PathBuf,
+    /// How often pods that fit no node are tried again when nothing changed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    retry: Duration,
+    /// Pod bindings in flight at once.
+    #[arg(long, default_value_t = 16)]
+    parallel_bindings: usize,
+}
+
+/// `brink scheduler`: the scheduler loop alone, as kube-scheduler runs beside an API
+/// server. Two may run at once: a pod is still bound only once.
+pub async fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.retry.is_zero() && args.parallel_bindings >= 1,
+        "--retry must be positive and --parallel-bindings at least 1"
+    );
+    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)
+        .with_context(|| format!("read {}", args.kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .with_context(|| format!("use {}", args.kubeconfig.display()))?;
+    let client = kube::Client::try_from(config).context("a client for the API")?;
+    let settings = brink_control::scheduler::SchedulerSettings {
+        retry: args.retry,
+        parallel_bindings: args.parallel_bindings,
+        ..Default::default()
+    };
+    tokio::select! {
+        () = brink_control::scheduler::run(client, settings) => {}
+        () = crate::node_cmd::shutdown_signal() => {}
+    }
     Ok(())
 }

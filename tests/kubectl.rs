@@ -1519,6 +1519,118 @@ fn a_node_joins_with_a_token_and_heartbeats() {
     pods_on_a_joined_node(&admin, &as_node, &dir, again);
 }
 
+/// The site's scheduler places pods that name no node, says why when none fits, and
+/// binds each pod once even with a second scheduler racing it.
+fn scheduled_pods(admin: &Kubectl<'_>, hello: &str, job: &str) {
+    admin.ok(&["create", "namespace", "placed"]);
+    let pod = |name: &str, image: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: placed\nspec:\n  terminationGracePeriodSeconds: 1\n{extra}  containers:\n  - name: c\n    image: {image}\n"
+        )
+    };
+    let created = admin.run_with_stdin(&["create", "-f", "-"], Some(&pod("anywhere", hello, "")));
+    assert!(created.status.success(), "{}", stderr(&created));
+    admin.ok(&[
+        "-n",
+        "placed",
+        "wait",
+        "--for=condition=Ready",
+        "pod/anywhere",
+        "--timeout=60s",
+    ]);
+    let field = |name: &str, path: &str| {
+        admin.ok(&[
+            "-n",
+            "placed",
+            "get",
+            "pod",
+            name,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    };
+    assert_eq!(field("anywhere", "{.spec.nodeName}"), "shop-7");
+    let described = admin.ok(&["-n", "placed", "describe", "pod", "anywhere"]);
+    assert!(
+        described.contains("Scheduled")
+            && described.contains("Successfully assigned placed/anywhere to shop-7"),
+        "{described}"
+    );
+    // No node has the label: the pod waits, and kubectl shows kube-scheduler's words.
+    admin.run_with_stdin(
+        &["create", "-f", "-"],
+        Some(&pod("mars", hello, "  nodeSelector:\n    zone: mars\n")),
+    );
+    let why = "0/2 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }.";
+    let described = wait_for("FailedScheduling", || {
+        let d = admin.ok(&["-n", "placed", "describe", "pod", "mars"]);
+        d.contains("FailedScheduling").then_some(d)
+    });
+    assert!(described.contains(why), "{described}");
+    assert_eq!(
+        field("mars", "{.status.conditions[0].reason} {.status.phase}"),
+        "Unschedulable Pending"
+    );
+    // A node change is what it waited for.
+    admin.ok(&["label", "node", "shop-7", "zone=mars"]);
+    admin.ok(&[
+        "-n",
+        "placed",
+        "wait",
+        "--for=condition=Ready",
+        "pod/mars",
+        "--timeout=60s",
+    ]);
+
+    // A second scheduler races the site's: every pod is bound once.
+    let config = admin.config.to_str().expect("utf-8").to_owned();
+    let mut second = Command::new(brink_bin())
+        .args(["scheduler", "--kubeconfig", &config])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("brink scheduler");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut many = String::new();
+    for i in 0..12 {
+        many.push_str(&pod(&format!("race-{i}"), job, "  restartPolicy: Never\n"));
+        many.push_str("---\n");
+    }
+    let created = admin.run_with_stdin(&["create", "-f", "-"], Some(&many));
+    assert!(created.status.success(), "{}", stderr(&created));
+    wait_for("the racing pods to finish", || {
+        let phases = admin.ok(&[
+            "-n",
+            "placed",
+            "get",
+            "pods",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.status.phase} {end}",
+        ]);
+        let done = phases
+            .split_whitespace()
+            .filter(|p| p.starts_with("race-") && p.ends_with("=Succeeded"))
+            .count();
+        (done == 12).then_some(())
+    });
+    let _ = second.kill();
+    let _ = second.wait();
+    let events: serde_json::Value =
+        serde_json::from_str(&admin.ok(&["-n", "placed", "get", "events", "-o", "json"]))
+            .expect("events");
+    for i in 0..12 {
+        let name = format!("race-{i}");
+        let scheduled = events["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == "Scheduled" && e["involvedObject"]["name"] == name.as_str())
+            .count();
+        assert_eq!(scheduled, 1, "{name} was bound {scheduled} times");
+    }
+}
+
 /// A joined node's flags: its own credential, host ports on loopback.
 fn node_flags(kubeconfig: &Path) -> Vec<&str> {
     vec![
@@ -1696,6 +1808,8 @@ fn pods_on_a_joined_node(
         finished,
         "a finished pod does not run again"
     );
+
+    scheduled_pods(admin, &hello, &job);
 
     // Deleted gracefully: the node stops it, then finishes the deletion.
     admin.ok(&["-n", "shop", "delete", "pod", "hello", "--wait=false"]);

@@ -10,15 +10,17 @@
 //! - [`store_api`]: the store's debugging API (`brink store`), `/readyz` and `/metrics`.
 //! - [`apiserver`]: the Kubernetes API over the store, served by every member.
 //! - [`accept`]: accepting connections with a limit and back-off, for both HTTP servers.
+//! - [`scheduler`]: places pods on nodes, as an API client (on the leader, or anywhere).
 //!
-//! To come: the scheduler and controllers, and the bridge to an upstream cluster. It must not run guests or touch a node's disk: nodes
-//! reach it only through the Kubernetes API.
+//! To come: the controllers, and the bridge to an upstream cluster. It must not run
+//! guests or touch a node's disk: nodes reach it only through the Kubernetes API.
 
 pub mod accept;
 pub mod apiserver;
 pub mod consensus;
 pub mod member;
 pub mod peers;
+pub mod scheduler;
 pub mod settings;
 pub mod store;
 pub mod store_api;

@@ -543,6 +543,15 @@ pub fn default_rbac() -> Vec<Value> {
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}],
         })
     };
+    let user_binding = |name: &str, role: &str, user: &str| {
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name, "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        })
+    };
     let read = json!(["get", "list", "watch"]);
     let write = json!(["create", "update", "patch", "delete", "deletecollection"]);
     let namespaced_read = json!([
@@ -591,6 +600,22 @@ pub fn default_rbac() -> Vec<Value> {
             "brink:node-bootstrap",
             "system:node-bootstrapper",
             brink_proto::bootstrap::NODE_TOKEN_GROUP,
+        ),
+        // kube-scheduler's rules, fewer: what Brink's scheduler does through the API.
+        role(
+            "system:kube-scheduler",
+            json!([
+                {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": [""], "resources": ["pods/binding", "bindings"], "verbs": ["create"]},
+                {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch", "update"]},
+                {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]},
+                {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get", "list", "watch"]},
+            ]),
+        ),
+        user_binding(
+            "system:kube-scheduler",
+            "system:kube-scheduler",
+            "system:kube-scheduler",
         ),
         binding("cluster-admin", "cluster-admin", MASTERS),
         binding("system:discovery", "system:discovery", AUTHENTICATED),

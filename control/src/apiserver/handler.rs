@@ -1863,6 +1863,21 @@ async fn bind(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiErr
         ));
     }
     pod["spec"]["nodeName"] = json!(node);
+    // As kube-apiserver's binding: the pod says it is scheduled (replacing the
+    // Unschedulable condition a scheduler may have left while it waited).
+    let scheduled =
+        json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()});
+    let mut conditions: Vec<Value> = pod
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"));
+    conditions.push(scheduled);
+    if !pod.get("status").is_some_and(Value::is_object) {
+        pod["status"] = json!({});
+    }
+    pod["status"]["conditions"] = json!(conditions);
     let data = encode(&pod, call.state.settings.max_object_bytes)?;
     match write(
         call.state,
