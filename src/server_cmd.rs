@@ -100,6 +100,13 @@ pub struct ServerArgs {
     /// Pod bindings the scheduler has in flight at once.
     #[arg(long, default_value_t = 16)]
     scheduler_parallel_bindings: usize,
+    /// How often the controllers reconcile every object when nothing changed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    controller_resync: Duration,
+    /// How long a controller counts pods it created or deleted that its watch has not
+    /// shown yet.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m")]
+    controller_expectation_timeout: Duration,
     /// The write-ahead log's size in bytes (made once, full of zeros, so a sync never
     /// writes metadata); when it fills, sled is made durable and the log starts over.
     #[arg(long, default_value_t = 16 << 20)]
@@ -170,6 +177,10 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.scheduler_retry.is_zero() && args.scheduler_parallel_bindings >= 1,
         "--scheduler-retry must be positive and --scheduler-parallel-bindings at least 1"
+    );
+    anyhow::ensure!(
+        !args.controller_resync.is_zero() && !args.controller_expectation_timeout.is_zero(),
+        "--controller-resync and --controller-expectation-timeout must be positive"
     );
     anyhow::ensure!(
         args.api_max_connections >= 1 && args.api_max_watches >= 1,
@@ -272,6 +283,22 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
         },
         move || replica.is_leader(),
     ));
+    let controllers_client = in_process_client(
+        &running.pki,
+        &local_api.to_string(),
+        "system:kube-controller-manager",
+    )
+    .await?;
+    let replica = running.replica.clone();
+    let controllers = tokio::spawn(brink_control::controllers::run_while_leading(
+        controllers_client,
+        brink_control::controllers::ControllerSettings {
+            resync: args.controller_resync,
+            expectation_timeout: args.controller_expectation_timeout,
+            ..Default::default()
+        },
+        move || replica.is_leader(),
+    ));
     if let Some(path) = &kubeconfig {
         eprintln!(
             "brink: the Kubernetes API is at https://{advertise_api}; use it with\n  export KUBECONFIG={}",
@@ -303,6 +330,7 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
     ));
     crate::node_cmd::shutdown_signal().await;
     scheduler.abort();
+    controllers.abort();
     api_server.stop();
     api.abort();
     let _ = api.await;

@@ -1631,6 +1631,94 @@ fn scheduled_pods(admin: &Kubectl<'_>, hello: &str, job: &str) {
     }
 }
 
+/// A Deployment through kubectl's rollout verbs: its ReplicaSet makes the pods, the
+/// scheduler places them, `rollout status|restart|history|undo` and `scale` work, and
+/// deleting it takes everything it owns.
+fn deployments(admin: &Kubectl<'_>, hello: &str) {
+    admin.ok(&["create", "namespace", "dep"]);
+    let manifest = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: dep\nspec:\n  replicas: 3\n  selector:\n    matchLabels:\n      app: web\n  strategy:\n    rollingUpdate:\n      maxSurge: 1\n      maxUnavailable: 1\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: {hello}\n"
+    );
+    let applied = admin.run_with_stdin(&["apply", "-f", "-"], Some(&manifest));
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let rolled = |admin: &Kubectl<'_>| {
+        let out = admin.run(&[
+            "-n",
+            "dep",
+            "rollout",
+            "status",
+            "deployment/web",
+            "--timeout=90s",
+        ]);
+        assert!(
+            stdout(&out).contains("successfully rolled out"),
+            "{}{}\n{}\n{}",
+            stdout(&out),
+            stderr(&out),
+            admin.ok(&["-n", "dep", "get", "pods,replicasets", "-o", "wide"]),
+            admin.ok(&["-n", "dep", "describe", "pods"]),
+        );
+    };
+    rolled(admin);
+    let table = admin.ok(&["-n", "dep", "get", "deployment", "web"]);
+    assert_eq!(row(&table, "web")[1..4], ["3/3", "3", "3"], "{table}");
+    let pods = admin.ok(&["-n", "dep", "get", "pods", "-l", "app=web", "-o", "name"]);
+    assert_eq!(pods.lines().count(), 3, "{pods}");
+    let sets = admin.ok(&["-n", "dep", "get", "replicasets", "-o", "name"]);
+    assert_eq!(sets.lines().count(), 1, "{sets}");
+
+    admin.ok(&["-n", "dep", "scale", "deployment/web", "--replicas=5"]);
+    rolled(admin);
+    let ready = admin.ok(&[
+        "-n",
+        "dep",
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.status.readyReplicas}",
+    ]);
+    assert_eq!(ready, "5");
+
+    // A new template rolls out through a second ReplicaSet; the first empties.
+    admin.ok(&["-n", "dep", "rollout", "restart", "deployment/web"]);
+    rolled(admin);
+    let sets = admin.ok(&[
+        "-n",
+        "dep",
+        "get",
+        "replicasets",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.replicas} {end}",
+    ]);
+    let mut counts: Vec<&str> = sets.split_whitespace().collect();
+    counts.sort();
+    assert_eq!(counts, ["0", "5"], "{sets}");
+    let history = admin.ok(&["-n", "dep", "rollout", "history", "deployment/web"]);
+    assert!(history.contains('1') && history.contains('2'), "{history}");
+    let described = admin.ok(&["-n", "dep", "describe", "deployment", "web"]);
+    assert!(described.contains("ScalingReplicaSet"), "{described}");
+    admin.ok(&["-n", "dep", "rollout", "undo", "deployment/web"]);
+    rolled(admin);
+    let revision = admin.ok(&[
+        "-n",
+        "dep",
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+    ]);
+    assert_eq!(revision, "3");
+
+    // Deleting the Deployment takes its sets and pods.
+    admin.ok(&["-n", "dep", "delete", "deployment", "web"]);
+    wait_for("the deployment's pods to go", || {
+        let left = admin.ok(&["-n", "dep", "get", "pods,replicasets", "-o", "name"]);
+        left.trim().is_empty().then_some(())
+    });
+}
+
 /// A joined node's flags: its own credential, host ports on loopback.
 fn node_flags(kubeconfig: &Path) -> Vec<&str> {
     vec![
@@ -1810,6 +1898,7 @@ fn pods_on_a_joined_node(
     );
 
     scheduled_pods(admin, &hello, &job);
+    deployments(admin, &hello);
 
     // Deleted gracefully: the node stops it, then finishes the deletion.
     admin.ok(&["-n", "shop", "delete", "pod", "hello", "--wait=false"]);

@@ -617,6 +617,28 @@ pub fn default_rbac() -> Vec<Value> {
             "system:kube-scheduler",
             "system:kube-scheduler",
         ),
+        // The controllers Brink runs, under one identity (kube-controller-manager's
+        // controllers each have their own service account; Brink's share a process).
+        role(
+            "system:kube-controller-manager",
+            json!([
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete", "patch"]},
+                {"apiGroups": [""], "resources": ["pods/status", "nodes/status"], "verbs": ["patch", "update"]},
+                {"apiGroups": [""], "resources": ["nodes", "services", "namespaces"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "daemonsets"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                {"apiGroups": ["apps"], "resources": ["deployments/status", "replicasets/status", "daemonsets/status"], "verbs": ["patch", "update"]},
+                {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "patch", "update"]},
+                {"apiGroups": ["batch"], "resources": ["jobs/status"], "verbs": ["patch", "update"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch"]},
+            ]),
+        ),
+        user_binding(
+            "system:kube-controller-manager",
+            "system:kube-controller-manager",
+            "system:kube-controller-manager",
+        ),
         binding("cluster-admin", "cluster-admin", MASTERS),
         binding("system:discovery", "system:discovery", AUTHENTICATED),
     ]

@@ -59,21 +59,10 @@ pub async fn run_while_leading(
     settings: SchedulerSettings,
     leading: impl Fn() -> bool + Send + Sync + 'static,
 ) {
-    loop {
-        while !leading() {
-            tokio::time::sleep(settings.leader_poll).await;
-        }
-        tracing::info!("leading: scheduling pods");
-        let lost = async {
-            while leading() {
-                tokio::time::sleep(settings.leader_poll).await;
-            }
-        };
-        tokio::select! {
-            () = run(client.clone(), settings.clone()) => return,
-            () = lost => tracing::info!("no longer leading: scheduling stops here"),
-        }
-    }
+    crate::leading::while_leading("scheduler", settings.leader_poll, leading, || {
+        run(client.clone(), settings.clone())
+    })
+    .await
 }
 
 /// Follows one kind into a store, waking `wake` on every change.

@@ -1,0 +1,374 @@
+//! The ReplicaSet controller: keeps `spec.replicas` active pods made from the template,
+//! owned (controller reference) by the ReplicaSet, and reports their counts in status.
+//! Pods it has created or deleted and its watch has not shown yet are counted as
+//! expected (kube's expectations), so a quick second reconcile does not make twice as
+//! many. Surplus pods go in kube's order: unscheduled, then pending, then not ready,
+//! then the newest.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Resource as _, ResourceExt as _};
+use serde_json::json;
+
+use super::{ControllerSettings, ReconcileError, controller_uid, is_active, is_available};
+
+/// The component name on its Events.
+pub const COMPONENT: &str = "replicaset-controller";
+
+/// What one ReplicaSet is waiting to see: pods it created (by name) and pods it deleted.
+#[derive(Debug, Default)]
+struct Expectations {
+    created: HashMap<String, Instant>,
+    deleted: HashMap<String, Instant>,
+}
+
+struct Context {
+    client: kube::Client,
+    pods: Store<Pod>,
+    settings: ControllerSettings,
+    /// By ReplicaSet uid.
+    expectations: Mutex<HashMap<String, Expectations>>,
+}
+
+/// Runs the ReplicaSet controller until its watches end.
+pub async fn run(client: kube::Client, settings: ControllerSettings) {
+    let (pods, writer) = reflector::store();
+    let follower = tokio::spawn({
+        let api = Api::<Pod>::all(client.clone());
+        async move {
+            let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
+                .default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "replicaset controller: pod watch failed; retrying");
+                }
+            }
+        }
+    });
+    if pods.wait_until_ready().await.is_err() {
+        return;
+    }
+    let context = Arc::new(Context {
+        client: client.clone(),
+        pods,
+        settings,
+        expectations: Mutex::new(HashMap::new()),
+    });
+    Controller::new(Api::<ReplicaSet>::all(client.clone()), Default::default())
+        .owns(Api::<Pod>::all(client), Default::default())
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "replicaset reconcile");
+            }
+        })
+        .await;
+    follower.abort();
+}
+
+fn error_policy(_rs: Arc<ReplicaSet>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(%error, "replicaset reconcile failed; retrying");
+    Action::requeue(std::time::Duration::from_secs(2))
+}
+
+/// The order surplus pods are deleted in: smaller goes first.
+fn deletion_rank(
+    pod: &Pod,
+) -> (
+    bool,
+    u8,
+    bool,
+    std::cmp::Reverse<Option<k8s_openapi::jiff::Timestamp>>,
+) {
+    let scheduled = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|n| !n.is_empty());
+    let phase = match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Pending") | None => 0,
+        Some("Running") => 2,
+        _ => 1,
+    };
+    let ready = super::ready_since(pod).is_some();
+    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    (scheduled, phase, ready, std::cmp::Reverse(created))
+}
+
+/// A pod for `rs` from its template.
+fn pod_for(rs: &ReplicaSet) -> Result<Pod, ReconcileError> {
+    let template = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.clone())
+        .ok_or_else(|| ReconcileError::Invalid("the ReplicaSet has no pod template".into()))?;
+    let owner = rs
+        .controller_owner_ref(&())
+        .ok_or_else(|| ReconcileError::Invalid("the ReplicaSet has no name or uid".into()))?;
+    let meta = template.metadata.unwrap_or_default();
+    Ok(Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", rs.name_any())),
+            namespace: rs.namespace(),
+            labels: meta.labels,
+            annotations: meta.annotations,
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: template.spec,
+        status: None,
+    })
+}
+
+async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    if rs.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let namespace = rs.namespace().unwrap_or_else(|| "default".into());
+    let uid = rs.uid().unwrap_or_default();
+    let owned: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(&namespace))
+        .filter(|p| controller_uid(&p.metadata) == Some(&uid))
+        .collect();
+    let active: Vec<&Arc<Pod>> = owned.iter().filter(|p| is_active(p)).collect();
+    let timeout = ctx.settings.expectation_timeout;
+    let (expected_creates, expected_deletes) = {
+        let mut all = ctx
+            .expectations
+            .lock()
+            .map_err(|_| ReconcileError::Invalid("expectations poisoned".into()))?;
+        let e = all.entry(uid.clone()).or_default();
+        let seen: BTreeSet<String> = owned.iter().map(|p| p.name_any()).collect();
+        let live: BTreeSet<String> = active.iter().map(|p| p.name_any()).collect();
+        e.created
+            .retain(|name, at| !seen.contains(name) && at.elapsed() < timeout);
+        e.deleted
+            .retain(|name, at| live.contains(name) && at.elapsed() < timeout);
+        (
+            e.created.len(),
+            e.deleted.keys().cloned().collect::<BTreeSet<_>>(),
+        )
+    };
+    let counted = active
+        .iter()
+        .filter(|p| !expected_deletes.contains(&p.name_any()))
+        .count()
+        + expected_creates;
+    let want = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1)
+        .max(0) as usize;
+    let reference = rs.object_ref(&());
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    if counted < want {
+        let template = pod_for(&rs)?;
+        let n = (want - counted).min(ctx.settings.burst);
+        let results = futures::stream::iter(0..n)
+            .map(|_| {
+                let (pods, template) = (pods.clone(), template.clone());
+                async move { pods.create(&PostParams::default(), &template).await }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+        for result in results {
+            match result {
+                Ok(pod) => {
+                    let name = pod.name_any();
+                    if let Ok(mut all) = ctx.expectations.lock() {
+                        all.entry(uid.clone())
+                            .or_default()
+                            .created
+                            .insert(name.clone(), Instant::now());
+                    }
+                    super::record(
+                        &ctx.client,
+                        COMPONENT,
+                        &reference,
+                        "Normal",
+                        "SuccessfulCreate",
+                        &format!("Created pod: {name}"),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    super::record(
+                        &ctx.client,
+                        COMPONENT,
+                        &reference,
+                        "Warning",
+                        "FailedCreate",
+                        &format!("Error creating: {e}"),
+                    )
+                    .await;
+                    return Err(e.into());
+                }
+            }
+        }
+    } else if counted > want {
+        let mut victims: Vec<&Arc<Pod>> = active
+            .iter()
+            .copied()
+            .filter(|p| !expected_deletes.contains(&p.name_any()))
+            .collect();
+        victims.sort_by_key(|p| deletion_rank(p));
+        for pod in victims
+            .into_iter()
+            .take((counted - want).min(ctx.settings.burst))
+        {
+            let name = pod.name_any();
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: pod.uid(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match pods.delete(&name, &params).await {
+                Ok(_) => {
+                    if let Ok(mut all) = ctx.expectations.lock() {
+                        all.entry(uid.clone())
+                            .or_default()
+                            .deleted
+                            .insert(name.clone(), Instant::now());
+                    }
+                    super::record(
+                        &ctx.client,
+                        COMPONENT,
+                        &reference,
+                        "Normal",
+                        "SuccessfulDelete",
+                        &format!("Deleted pod: {name}"),
+                    )
+                    .await;
+                }
+                Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    // Status, written only when it changed.
+    let min_ready = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.min_ready_seconds)
+        .unwrap_or(0);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let selector = rs
+        .spec
+        .as_ref()
+        .map(|s| s.selector.clone())
+        .unwrap_or_default();
+    let ready = active
+        .iter()
+        .filter(|p| super::ready_since(p).is_some())
+        .count();
+    let available = active
+        .iter()
+        .filter(|p| is_available(p, min_ready, now))
+        .count();
+    let labelled = active
+        .iter()
+        .filter(|p| super::selector_matches(&selector, &p.labels().clone()))
+        .count();
+    let status = json!({
+        "replicas": active.len(),
+        "fullyLabeledReplicas": labelled,
+        "readyReplicas": ready,
+        "availableReplicas": available,
+        "observedGeneration": rs.metadata.generation,
+    });
+    let current = rs.status.as_ref().map(|s| {
+        json!({
+            "replicas": s.replicas,
+            "fullyLabeledReplicas": s.fully_labeled_replicas.unwrap_or(0),
+            "readyReplicas": s.ready_replicas.unwrap_or(0),
+            "availableReplicas": s.available_replicas.unwrap_or(0),
+            "observedGeneration": s.observed_generation,
+        })
+    });
+    if current.as_ref() != Some(&status) {
+        let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
+        let params = PatchParams {
+            field_manager: Some(COMPONENT.into()),
+            ..Default::default()
+        };
+        sets.patch_status(
+            &rs.name_any(),
+            &params,
+            &Patch::Merge(json!({"metadata": {"uid": uid}, "status": status})),
+        )
+        .await?;
+    }
+    // Until every wanted pod is there and available (pods that are ready become
+    // available after minReadySeconds), look again soon.
+    let settled = counted == want && expected_creates == 0 && expected_deletes.is_empty();
+    if !settled || available < want {
+        return Ok(Action::requeue(ctx.settings.settle));
+    }
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(node: Option<&str>, phase: &str, ready: bool, created: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "creationTimestamp": created},
+            "spec": {"containers": [], "nodeName": node},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]},
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn surplus_pods_go_unscheduled_pending_unready_newest_first() {
+        let old_ready = pod(Some("n"), "Running", true, "2026-01-01T00:00:00Z");
+        let new_ready = pod(Some("n"), "Running", true, "2026-01-02T00:00:00Z");
+        let unready = pod(Some("n"), "Running", false, "2026-01-01T00:00:00Z");
+        let pending = pod(Some("n"), "Pending", false, "2026-01-01T00:00:00Z");
+        let unscheduled = pod(None, "Pending", false, "2026-01-01T00:00:00Z");
+        let ranks: Vec<_> = [&unscheduled, &pending, &unready, &new_ready, &old_ready]
+            .into_iter()
+            .map(deletion_rank)
+            .collect();
+        assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{ranks:?}");
+    }
+
+    #[test]
+    fn pods_come_from_the_template_and_name_their_owner() {
+        let rs: ReplicaSet = serde_json::from_value(json!({
+            "metadata": {"name": "web-abc", "namespace": "shop", "uid": "rs-1"},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}},
+        }))
+        .expect("rs");
+        let pod = pod_for(&rs).expect("pod");
+        assert_eq!(pod.metadata.generate_name.as_deref(), Some("web-abc-"));
+        assert_eq!(pod.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(controller_uid(&pod.metadata), Some("rs-1"));
+        assert_eq!(pod.labels().get("app").map(String::as_str), Some("web"));
+        let bare: ReplicaSet = serde_json::from_value(
+            json!({"metadata": {"name": "x", "uid": "u"}, "spec": {"selector": {}}}),
+        )
+        .expect("rs");
+        assert!(pod_for(&bare).is_err());
+    }
+}
