@@ -1711,6 +1711,29 @@ fn deployments(admin: &Kubectl<'_>, hello: &str) {
     ]);
     assert_eq!(revision, "3");
 
+    // The node's Gateway data plane takes its objects from the API and serves the
+    // Deployment's pods.
+    let port = free_port();
+    let gateway = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: dep\nspec:\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata:\n  name: brink\nspec:\n  controllerName: brink.dev/gateway-controller\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: edge\n  namespace: dep\nspec:\n  gatewayClassName: brink\n  listeners:\n  - name: http\n    port: {port}\n    protocol: HTTP\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: dep\nspec:\n  parentRefs:\n  - name: edge\n  rules:\n  - backendRefs:\n    - name: web\n      port: 80\n"
+    );
+    let applied = admin.run_with_stdin(&["apply", "-f", "-"], Some(&gateway));
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let served = wait_for("the gateway to serve the deployment", || {
+        http_get(addr, "/").ok().filter(|r| r.status == 200)
+    });
+    assert!(!served.body.is_empty());
+    admin.ok(&["-n", "dep", "delete", "httproute", "web"]);
+    wait_for("the route to go", || {
+        http_get(addr, "/").ok().filter(|r| r.status == 404)
+    });
+    admin.ok(&["-n", "dep", "delete", "gateway", "edge"]);
+    admin.ok(&["delete", "gatewayclass", "brink"]);
+
     // Deleting the Deployment takes its sets and pods.
     admin.ok(&["-n", "dep", "delete", "deployment", "web"]);
     wait_for("the deployment's pods to go", || {

@@ -634,6 +634,18 @@ pub fn default_rbac() -> Vec<Value> {
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch"]},
             ]),
         ),
+        // What every node's Gateway data plane reads (a kubelet's system:node role reads
+        // Services too; the Gateway API kinds are Brink's addition).
+        role(
+            "system:brink-node",
+            json!([
+                {"apiGroups": [""], "resources": ["services", "namespaces"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gatewayclasses", "gateways", "httproutes", "referencegrants"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get", "list", "watch"]},
+            ]),
+        ),
+        binding("system:brink-node", "system:brink-node", NODES),
         user_binding(
             "system:kube-controller-manager",
             "system:kube-controller-manager",

@@ -5,6 +5,10 @@
 //! precondition, and the last step of a graceful deletion (the node deletes the pod with
 //! `gracePeriodSeconds=0` once it has stopped).
 //!
+//! It also follows the Gateway API objects (GatewayClasses, Gateways, HTTPRoutes,
+//! ReferenceGrants) and the Services and Namespaces they refer to, for the node's data
+//! plane.
+//!
 //! Owns: the node's view of its pods in the API and every write the node makes to them.
 //! Must not touch running pods: it says what is wanted ([`SitePods`]) and carries status
 //! away ([`SiteStatus`]). When the API cannot be reached, watches and writes back off and
@@ -16,15 +20,21 @@ use std::time::Duration;
 
 use ::kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use ::kube::runtime::WatchStreamExt as _;
+use ::kube::runtime::reflector::{self, Store};
 use ::kube::runtime::watcher::{self, Event};
 use brink_proto::PodManifest;
+use brink_proto::gateway::RouteManifest;
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodStatus, Secret};
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::Gateway;
+use gateway_api::httproutes::HttpRoute;
+use gateway_api::referencegrants::ReferenceGrant;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodStatus, Secret, Service};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::{ConfigObjects, DesiredPods, PodSource, StatusSink};
+use super::{ConfigObjects, DesiredPods, GatewayObjects, PodSource, StatusSink};
 
 /// How the node talks to its site about pods.
 #[derive(Debug, Clone)]
@@ -161,6 +171,7 @@ impl Shared {
 pub struct SitePods {
     shared: Arc<Shared>,
     client: ::kube::Client,
+    gateway: GatewayStores,
     /// One single-object watch per ConfigMap or Secret the pods read.
     objects: BTreeMap<Reference, JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -179,14 +190,16 @@ pub fn start(client: ::kube::Client, settings: SiteSettings) -> (SitePods, Arc<S
         changed: Notify::new(),
         work: Notify::new(),
     });
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(watch_pods(client.clone(), shared.clone())),
         tokio::spawn(write_back(client.clone(), shared.clone())),
     ];
+    let gateway = GatewayStores::start(&client, &shared, &mut tasks);
     (
         SitePods {
             shared: shared.clone(),
             client,
+            gateway,
             objects: BTreeMap::new(),
             tasks,
         },
@@ -241,6 +254,110 @@ async fn watch_pods(client: ::kube::Client, shared: Arc<Shared>) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "watching this node's pods; retrying"),
+        }
+    }
+}
+
+/// The Gateway API objects (and the Services and Namespaces routes refer to) the node's
+/// data plane is computed from: every one in the site, as each node serves every
+/// Gateway.
+struct GatewayStores {
+    classes: Store<GatewayClass>,
+    gateways: Store<Gateway>,
+    routes: Store<HttpRoute>,
+    grants: Store<ReferenceGrant>,
+    services: Store<Service>,
+    namespaces: Store<Namespace>,
+}
+
+/// Follows every object of one kind into a store, waking the source on each change.
+fn follow<K>(
+    client: &::kube::Client,
+    shared: &Arc<Shared>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Store<K>
+where
+    K: ::kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
+    let (store, writer) = reflector::store();
+    let api: Api<K> = Api::all(client.clone());
+    let shared = shared.clone();
+    tasks.push(tokio::spawn(async move {
+        let kind = K::kind(&K::DynamicType::default()).into_owned();
+        let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
+            .default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => shared.touch(),
+                Err(e) => {
+                    tracing::warn!(%kind, error = %e, "watching the site's objects; retrying")
+                }
+            }
+        }
+    }));
+    store
+}
+
+impl GatewayStores {
+    fn start(
+        client: &::kube::Client,
+        shared: &Arc<Shared>,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> Self {
+        Self {
+            classes: follow(client, shared, tasks),
+            gateways: follow(client, shared, tasks),
+            routes: follow(client, shared, tasks),
+            grants: follow(client, shared, tasks),
+            services: follow(client, shared, tasks),
+            namespaces: follow(client, shared, tasks),
+        }
+    }
+
+    /// The objects as the data plane takes them: cluster-scoped ones by name, the rest
+    /// by `namespace/name`; a route with a wrong value carries why (its parents report
+    /// it), as one from a manifest does.
+    fn objects(&self) -> GatewayObjects {
+        fn by_key<K>(store: &Store<K>) -> BTreeMap<String, K>
+        where
+            K: ::kube::Resource + Clone,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            store
+                .state()
+                .iter()
+                .map(|o| {
+                    let meta = o.meta();
+                    let name = meta.name.clone().unwrap_or_default();
+                    let key = match &meta.namespace {
+                        Some(ns) => format!("{ns}/{name}"),
+                        None => name,
+                    };
+                    (key, K::clone(o))
+                })
+                .collect()
+        }
+        GatewayObjects {
+            classes: by_key(&self.classes),
+            gateways: by_key(&self.gateways),
+            routes: by_key(&self.routes)
+                .into_iter()
+                .map(|(key, route)| {
+                    let invalid = brink_proto::gateway::validate_route_spec(&route.spec).err();
+                    (key, RouteManifest { route, invalid })
+                })
+                .collect(),
+            services: by_key(&self.services),
+            grants: by_key(&self.grants),
+            namespaces: by_key(&self.namespaces),
         }
     }
 }
@@ -408,7 +525,11 @@ impl SitePods {
             self.objects.insert(reference, task);
         }
         let config = shared.with_state(|s| s.config.clone())?;
-        Some(DesiredPods { config, ..desired })
+        Some(DesiredPods {
+            config,
+            gateway: self.gateway.objects(),
+            ..desired
+        })
     }
 }
 
