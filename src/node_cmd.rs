@@ -452,9 +452,19 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
         }
         (None, Some((_heartbeat, client))) => {
             let source = brink_node::source::kube::SiteSettings::new(&settings.node_name);
-            let (pods, status) = brink_node::source::kube::start(client, source);
+            let node_name = settings.node_name.clone();
+            let (pods, status) = brink_node::source::kube::start(client.clone(), source);
             let agent = Agent::with_status(settings, status)?;
+            let gateway_status = tokio::spawn(brink_node::source::gateway_status::run(
+                client,
+                agent.ctx.gateway.clone(),
+                brink_node::source::gateway_status::GatewayStatusSettings {
+                    node_name,
+                    recheck: std::time::Duration::from_secs(10),
+                },
+            ));
             agent.run(pods, shutdown_signal()).await?;
+            gateway_status.abort();
             Ok(())
         }
         (None, None) => anyhow::bail!("no pods to run and no site to join"),

@@ -1727,6 +1727,36 @@ fn deployments(admin: &Kubectl<'_>, hello: &str) {
         http_get(addr, "/").ok().filter(|r| r.status == 200)
     });
     assert!(!served.body.is_empty());
+    // One node writes the status the data plane computed; kubectl shows it.
+    let mut programmed = String::new();
+    for _ in 0..100 {
+        programmed = admin.ok(&["-n", "dep", "get", "gateway", "edge"]);
+        if row(&programmed, "edge").get(3) == Some(&"True") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        row(&programmed, "edge").get(3),
+        Some(&"True"),
+        "{programmed}\n{}",
+        admin.ok(&["-n", "dep", "get", "gateway", "edge", "-o", "yaml"])
+    );
+    assert_eq!(
+        row(&programmed, "edge")[1..3],
+        ["brink", "127.0.0.1"],
+        "{programmed}"
+    );
+    let accepted = admin.ok(&[
+        "-n",
+        "dep",
+        "get",
+        "httproute",
+        "web",
+        "-o",
+        "jsonpath={.status.parents[0].conditions[?(@.type==\"Accepted\")].status} {.status.parents[0].parentRef.kind}",
+    ]);
+    assert_eq!(accepted, "True Gateway");
     admin.ok(&["-n", "dep", "delete", "httproute", "web"]);
     wait_for("the route to go", || {
         http_get(addr, "/").ok().filter(|r| r.status == 404)

@@ -140,6 +140,18 @@ fn pod_cells(pod: &Value) -> Vec<Value> {
     ]
 }
 
+/// The status of the condition of `kind` in `status.conditions` ("" when there is none).
+fn condition_status<'a>(object: &'a Value, kind: &str) -> &'a str {
+    object
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
+        .and_then(|c| c.get("status").and_then(Value::as_str))
+        .unwrap_or("")
+}
+
 fn node_cells(node: &Value) -> Vec<Value> {
     let conditions = node
         .pointer("/status/conditions")
@@ -666,6 +678,73 @@ fn columns_and_cells(kind: &Kind, object: &Value) -> (Vec<Column>, Vec<Value>) {
                     json!(duration),
                     json!(condition),
                 ],
+            )
+        }
+        // The Gateway API CRDs' additionalPrinterColumns.
+        ("gateway.networking.k8s.io", "gatewayclasses") => (
+            vec![
+                NAME,
+                ("Controller", "string", "", 0, "spec.controllerName"),
+                (
+                    "Accepted",
+                    "string",
+                    "",
+                    0,
+                    "The Accepted condition's status",
+                ),
+                AGE,
+                ("Description", "string", "", 1, "spec.description"),
+            ],
+            vec![
+                name,
+                json!(s(object, "/spec/controllerName")),
+                json!(condition_status(object, "Accepted")),
+                created,
+                json!(s(object, "/spec/description")),
+            ],
+        ),
+        ("gateway.networking.k8s.io", "gateways") => {
+            let addresses: Vec<&str> = object
+                .pointer("/status/addresses")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.get("value").and_then(Value::as_str))
+                .collect();
+            (
+                vec![
+                    NAME,
+                    ("Class", "string", "", 0, "spec.gatewayClassName"),
+                    ("Address", "string", "", 0, "status.addresses[*].value"),
+                    (
+                        "Programmed",
+                        "string",
+                        "",
+                        0,
+                        "The Programmed condition's status",
+                    ),
+                    AGE,
+                ],
+                vec![
+                    name,
+                    json!(s(object, "/spec/gatewayClassName")),
+                    json!(addresses.join(",")),
+                    json!(condition_status(object, "Programmed")),
+                    created,
+                ],
+            )
+        }
+        ("gateway.networking.k8s.io", "httproutes") => {
+            let hostnames: Vec<&str> = object
+                .pointer("/spec/hostnames")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            (
+                vec![NAME, ("Hostnames", "string", "", 0, "spec.hostnames"), AGE],
+                vec![name, json!(hostnames.join(",")), created],
             )
         }
         _ => (vec![NAME, AGE], vec![name, created]),

@@ -68,6 +68,8 @@ pub struct DataPlane {
     pub endpoints: Arc<Endpoints>,
     objects: watch::Sender<Arc<GatewayObjects>>,
     view: RwLock<Arc<StatusView>>,
+    /// Counts the views built, so a status writer waits for a new one.
+    view_updates: watch::Sender<u64>,
 }
 
 impl DataPlane {
@@ -82,6 +84,7 @@ impl DataPlane {
             endpoints: Arc::new(Endpoints::default()),
             objects: watch::Sender::new(Arc::default()),
             view: RwLock::new(Arc::default()),
+            view_updates: watch::Sender::new(0),
         })
     }
 
@@ -99,6 +102,11 @@ impl DataPlane {
     /// The objects with their status.
     pub fn view(&self) -> Arc<StatusView> {
         self.view.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Changes each time a new view is built.
+    pub fn view_updates(&self) -> watch::Receiver<u64> {
+        self.view_updates.subscribe()
     }
 
     /// Every Service's ready local endpoints, as `v1` Endpoints (pods have no IP of their
@@ -240,6 +248,7 @@ impl DataPlane {
                 if let Ok(mut v) = self.view.write() {
                     *v = Arc::new(view);
                 }
+                self.view_updates.send_modify(|n| *n = n.wrapping_add(1));
             }
             tokio::select! {
                 changed = objects_rx.changed() => {

@@ -6,9 +6,11 @@
 //! Owns: the desired-state types every other module reads ([`DesiredPods`],
 //! [`ConfigObjects`], [`GatewayObjects`]), the sources ([`ManifestDir`] reads manifests
 //! from a directory, [`kube::SitePods`] takes the pods a site binds to this node), and
-//! where pod status goes ([`StatusSink`]; [`kube::SiteStatus`] writes it to the site). It must not touch
+//! where pod status goes ([`StatusSink`]; [`kube::SiteStatus`] writes it to the site,
+//! [`gateway_status`] the data plane's Gateway API status). It must not touch
 //! running pods, sandboxes or ports: it says what is wanted and carries status away.
 
+pub mod gateway_status;
 pub mod kube;
 pub mod manifest_dir;
 pub mod stamps;
