@@ -286,6 +286,10 @@ pub struct SiteFlags {
     /// The most pods the node runs (its capacity.pods).
     #[arg(long, default_value_t = 110)]
     max_pods: u32,
+    /// How often the node looks again whether it is the one that writes Gateway API
+    /// status, and whether a write is due, when its data plane has nothing new.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    gateway_status_recheck: std::time::Duration,
 }
 
 impl SiteFlags {
@@ -293,8 +297,9 @@ impl SiteFlags {
         anyhow::ensure!(
             !self.join_timeout.is_zero()
                 && !self.node_lease_renew.is_zero()
-                && !self.node_status_report.is_zero(),
-            "--join-timeout, --node-lease-renew and --node-status-report must be positive"
+                && !self.node_status_report.is_zero()
+                && !self.gateway_status_recheck.is_zero(),
+            "--join-timeout, --node-lease-renew, --node-status-report and --gateway-status-recheck must be positive"
         );
         if self.server.is_some() {
             brink_proto::bootstrap::BootstrapToken::parse(self.token.as_deref().unwrap_or(""))
@@ -358,6 +363,15 @@ pub struct UpArgs {
     /// Port of the Gateway listener the example hello app is served through.
     #[arg(long, default_value_t = 8080)]
     port: u16,
+    /// Where the one-member site's Kubernetes API listens (kubectl reaches it there).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    api_listen: std::net::SocketAddr,
+    /// Where the member's store API and /metrics listen.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    store_listen: std::net::SocketAddr,
+    /// Where the member's QUIC endpoint listens (no other member ever dials it).
+    #[arg(long, default_value = "127.0.0.1:2380")]
+    peer_listen: std::net::SocketAddr,
     #[command(flatten)]
     flags: NodeFlags,
 }
@@ -410,75 +424,185 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("create {}", settings.data_dir.display()))?;
-    let site = args.site.kubeconfig(&settings).await?;
-    let heartbeat = match &site {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("read {}", path.display()))?;
-            let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .with_context(|| format!("use {}", path.display()))?;
-            let client = kube::Client::try_from(config).context("a client for the site")?;
-            let address = match settings.host_port_address {
-                ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
-                ip => ip,
-            };
-            let registration = brink_node::registration::RegistrationSettings {
-                node_name: settings.node_name.clone(),
-                address,
-                max_pods: args.site.max_pods,
-                lease_renew: args.site.node_lease_renew,
-                status_report: args.site.node_status_report,
-            };
-            Some((
-                tokio::spawn(brink_node::registration::run(
-                    client.clone(),
-                    registration,
-                    shutdown_signal(),
-                )),
-                client,
-            ))
-        }
+    let site = match args.site.kubeconfig(&settings).await? {
+        Some(path) => Some(client_from(&path).await?),
         None => None,
     };
-    match (args.manifests, heartbeat) {
-        (Some(manifests), heartbeat) => {
-            if heartbeat.is_some() {
+    let registration = args.site.registration(&settings);
+    match (args.manifests, site) {
+        (Some(manifests), site) => {
+            let heartbeat = site.map(|client| {
                 tracing::warn!(
                     "--manifests with a site: the node runs the manifests' pods only; mirror pods on the site are not implemented yet"
                 );
+                tokio::spawn(brink_node::registration::run(
+                    client,
+                    registration,
+                    shutdown_signal(),
+                ))
+            });
+            let result = run_manifests(settings, manifests).await;
+            if let Some(task) = heartbeat {
+                task.abort();
             }
-            run_manifests(settings, manifests).await
+            result
         }
-        (None, Some((_heartbeat, client))) => {
-            let source = brink_node::source::kube::SiteSettings::new(&settings.node_name);
-            let node_name = settings.node_name.clone();
-            let (pods, status) = brink_node::source::kube::start(client.clone(), source);
-            let agent = Agent::with_status(settings, status)?;
-            let gateway_status = tokio::spawn(brink_node::source::gateway_status::run(
+        (None, Some(client)) => {
+            run_on_site(
+                settings,
                 client,
-                agent.ctx.gateway.clone(),
-                brink_node::source::gateway_status::GatewayStatusSettings {
-                    node_name,
-                    recheck: std::time::Duration::from_secs(10),
-                },
-            ));
-            agent.run(pods, shutdown_signal()).await?;
-            gateway_status.abort();
-            Ok(())
+                registration,
+                args.site.gateway_status_recheck,
+            )
+            .await
         }
         (None, None) => anyhow::bail!("no pods to run and no site to join"),
     }
 }
 
-/// The Gateway API objects `brink up` serves the hello app through.
-fn up_gateway(port: u16, controller: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello\nspec:\n  selector:\n    app: hello\n  ports:\n  - port: 80\n    targetPort: 8080\n\
-         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata:\n  name: brink\nspec:\n  controllerName: {controller}\n\
-         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: brink\nspec:\n  gatewayClassName: brink\n  listeners:\n  - name: http\n    port: {port}\n    protocol: HTTP\n\
-         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: hello\nspec:\n  parentRefs:\n  - name: brink\n  rules:\n  - backendRefs:\n    - name: hello\n      port: 80\n"
-    )
+/// A client from a kubeconfig file.
+async fn client_from(path: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .with_context(|| format!("read {}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .with_context(|| format!("use {}", path.display()))?;
+    kube::Client::try_from(config).context("a client for the site")
+}
+
+impl SiteFlags {
+    fn registration(
+        &self,
+        settings: &NodeSettings,
+    ) -> brink_node::registration::RegistrationSettings {
+        let address = match settings.host_port_address {
+            ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            ip => ip,
+        };
+        brink_node::registration::RegistrationSettings {
+            node_name: settings.node_name.clone(),
+            address,
+            max_pods: self.max_pods,
+            lease_renew: self.node_lease_renew,
+            status_report: self.node_status_report,
+        }
+    }
+}
+
+/// A node joined to a site: it registers and heartbeats, runs the pods the site binds to
+/// it, serves the site's Gateways and writes their status, until Ctrl-C or SIGTERM.
+async fn run_on_site(
+    settings: NodeSettings,
+    client: kube::Client,
+    registration: brink_node::registration::RegistrationSettings,
+    gateway_status_recheck: std::time::Duration,
+) -> anyhow::Result<()> {
+    let heartbeat = tokio::spawn(brink_node::registration::run(
+        client.clone(),
+        registration,
+        shutdown_signal(),
+    ));
+    let source = brink_node::source::kube::SiteSettings::new(&settings.node_name);
+    let node_name = settings.node_name.clone();
+    let (pods, status) = brink_node::source::kube::start(client.clone(), source);
+    let agent = Agent::with_status(settings, status)?;
+    let gateway_status = tokio::spawn(brink_node::source::gateway_status::run(
+        client,
+        agent.ctx.gateway.clone(),
+        brink_node::source::gateway_status::GatewayStatusSettings {
+            node_name,
+            recheck: gateway_status_recheck,
+        },
+    ));
+    let result = agent.run(pods, shutdown_signal()).await;
+    gateway_status.abort();
+    heartbeat.abort();
+    result?;
+    Ok(())
+}
+
+/// The hello app as `brink up` applies it: a Deployment, its Service, and the Gateway
+/// API objects it is reached through.
+fn up_objects(image: &str, port: u16, controller: &str) -> Vec<serde_json::Value> {
+    use serde_json::json;
+    vec![
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "hello", "namespace": "default"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "hello"}},
+                 "template": {"metadata": {"labels": {"app": "hello"}},
+                              "spec": {"containers": [{
+                                  "name": "hello", "image": image,
+                                  "env": [{"name": "GREETING", "value": "Hello"},
+                                          {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                                  "ports": [{"containerPort": 8080}],
+                                  "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 5},
+                              }]}}}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "hello", "namespace": "default"},
+               "spec": {"selector": {"app": "hello"}, "ports": [{"port": 80, "targetPort": 8080}]}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+               "metadata": {"name": "brink"}, "spec": {"controllerName": controller}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "brink", "namespace": "default"},
+               "spec": {"gatewayClassName": "brink",
+                        "listeners": [{"name": "http", "port": port, "protocol": "HTTP"}]}}),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+               "metadata": {"name": "hello", "namespace": "default"},
+               "spec": {"parentRefs": [{"name": "brink"}],
+                        "rules": [{"backendRefs": [{"name": "hello", "port": 80}]}]}}),
+    ]
+}
+
+/// Applies `objects` server-side as `brink up`, retrying while the new site's API comes up.
+async fn apply_objects(client: &kube::Client, objects: &[serde_json::Value]) -> anyhow::Result<()> {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use kube::discovery::ApiResource;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for object in objects {
+        let (group, version) = match object["apiVersion"]
+            .as_str()
+            .unwrap_or("v1")
+            .split_once('/')
+        {
+            Some((g, v)) => (g.to_owned(), v.to_owned()),
+            None => (
+                String::new(),
+                object["apiVersion"].as_str().unwrap_or("v1").to_owned(),
+            ),
+        };
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+        let plural = match kind.as_str() {
+            "GatewayClass" => "gatewayclasses".to_owned(),
+            other => format!("{}s", other.to_lowercase()),
+        };
+        let resource = ApiResource {
+            group: group.clone(),
+            version: version.clone(),
+            api_version: object["apiVersion"].as_str().unwrap_or("v1").to_owned(),
+            kind,
+            plural,
+        };
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        let params = PatchParams::apply("brink-up").force();
+        loop {
+            match api.patch(&name, &params, &Patch::Apply(object)).await {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "the site is not ready yet");
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e).context(format!("apply {name}")),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The hello example, built by build.rs and embedded so `brink up` needs nothing else.
@@ -495,23 +619,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let data = settings.data_dir.clone();
     let layout = data.join("examples");
-    let manifests = data.join("manifests");
-    std::fs::create_dir_all(&manifests)
-        .with_context(|| format!("create {}", manifests.display()))?;
+    std::fs::create_dir_all(&data).with_context(|| format!("create {}", data.display()))?;
     let layout_for_write = layout.clone();
     tokio::task::spawn_blocking(move || {
         brink_node::oci::layout::write_artifact(&layout_for_write, "hello", HELLO_WASM.to_vec())
     })
     .await??;
-    let manifest = format!(
-        "# Written by `brink up` on every start; put your own manifests beside it.\n\
-         apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\n  labels:\n    app: hello\nspec:\n  containers:\n  - name: hello\n    image: oci:{}:hello\n    env:\n    - name: GREETING\n      value: Hello\n    - name: POD_NAME\n      valueFrom:\n        fieldRef:\n          fieldPath: metadata.name\n    ports:\n    - containerPort: 8080\n    readinessProbe:\n      httpGet:\n        path: /\n        port: 8080\n      periodSeconds: 5\n\
-         ---\n{}",
-        layout.display(),
-        up_gateway(args.port, &settings.gateway_controller_name)
-    );
-    std::fs::write(manifests.join("hello.yaml"), manifest)
-        .with_context(|| format!("write {}", manifests.join("hello.yaml").display()))?;
     let root = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false);
@@ -522,15 +635,62 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
              --isolation in-process to run the guests inside this process instead.\n"
         );
     }
+    // The site: one member, started fresh the first time and resumed after.
+    let server_dir = data.join("server");
+    let fresh = !std::fs::read_dir(&server_dir).is_ok_and(|mut d| d.next().is_some());
+    let mut server_args = vec![
+        "brink-up-server".to_owned(),
+        "--data-dir".to_owned(),
+        server_dir.display().to_string(),
+        "--api-listen".to_owned(),
+        args.api_listen.to_string(),
+        "--listen".to_owned(),
+        args.store_listen.to_string(),
+        "--peer-listen".to_owned(),
+        args.peer_listen.to_string(),
+    ];
+    if fresh {
+        server_args.push("--init".to_owned());
+    }
+    let server_flags =
+        <crate::server_cmd::ServerFlags as clap::Parser>::try_parse_from(&server_args)
+            .context("the site's settings")?;
+    let member = crate::server_cmd::start(server_flags.args).await?;
+    let api = member.local_api.to_string();
+    let admin =
+        crate::server_cmd::in_process_client(&member.pki, &api, "brink-admin", &["system:masters"])
+            .await?;
+    let node_user = format!("system:node:{}", settings.node_name);
+    let node_client =
+        crate::server_cmd::in_process_client(&member.pki, &api, &node_user, &["system:nodes"])
+            .await?;
+    let image = format!("oci:{}:hello", layout.display());
+    apply_objects(
+        &admin,
+        &up_objects(&image, args.port, &settings.gateway_controller_name),
+    )
+    .await?;
+    let kubeconfig = brink_control::peers::pki::pki_dir(&server_dir).join("admin.kubeconfig");
     let host = settings.gateway_address;
     eprintln!(
-        "brink up: serving the hello app through the Gateway \"brink\"; try:\n\n    curl http://{host}:{}/\n",
-        args.port
+        "brink up: a one-member site with this machine as its node, serving the hello Deployment through the Gateway \"brink\"; try:\n\n    curl http://{host}:{}/\n    export KUBECONFIG={}\n    kubectl get pods,deployments,gateways\n\nstop: Ctrl-C\n",
+        args.port,
+        kubeconfig.display()
     );
-    eprintln!(
-        "pods:     brink get pods --node {}\ngateways: brink get gateways --node {0}; brink get httproutes --node {0}\nmanifests: {}\nstop:     Ctrl-C\n",
-        settings.kubelet_addr,
-        manifests.display()
-    );
-    run_manifests(settings, manifests).await
+    let registration = brink_node::registration::RegistrationSettings {
+        node_name: settings.node_name.clone(),
+        address: settings.host_port_address,
+        max_pods: 110,
+        lease_renew: std::time::Duration::from_secs(10),
+        status_report: std::time::Duration::from_secs(300),
+    };
+    let result = run_on_site(
+        settings,
+        node_client,
+        registration,
+        std::time::Duration::from_secs(2),
+    )
+    .await;
+    member.stop().await?;
+    result
 }

@@ -12,6 +12,13 @@ use brink_control::peers::pki::JoinToken;
 use brink_control::settings::{MemberSettings, ReplicaSettings, TransportSettings};
 use clap::Args;
 
+/// `brink server`'s flags on their own, so `brink up` can start a member with them.
+#[derive(Debug, clap::Parser)]
+pub struct ServerFlags {
+    #[command(flatten)]
+    pub args: ServerArgs,
+}
+
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
@@ -117,6 +124,41 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
     if let Some(command) = args.command.take() {
         return crate::token_cmd::run(command).await;
     }
+    let member = start(args).await?;
+    crate::node_cmd::shutdown_signal().await;
+    member.stop().await
+}
+
+/// A running member: the store, the Kubernetes API, and the leader's scheduler and
+/// controllers.
+pub struct Member {
+    /// The site CA and this member's credentials.
+    pub pki: brink_control::peers::pki::MemberPki,
+    /// Where this member's own API is reached from this host.
+    pub local_api: SocketAddr,
+    running: member::RunningMember,
+    api_server: brink_control::apiserver::RunningApiServer,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Member {
+    /// Stops the leader's loops, the API and the store, in that order.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.api_server.stop();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let running = self.running;
+        tokio::task::spawn_blocking(move || running.stop()).await??;
+        Ok(())
+    }
+}
+
+/// Starts a member as `args` say.
+pub async fn start(args: ServerArgs) -> anyhow::Result<Member> {
     let advertise = match &args.advertise_peer {
         Some(a) => a.clone(),
         None if args.peer_listen.ip().is_unspecified() => anyhow::bail!(
@@ -271,6 +313,7 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
         &running.pki,
         &local_api.to_string(),
         "system:kube-scheduler",
+        &[],
     )
     .await?;
     let replica = running.replica.clone();
@@ -287,6 +330,7 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
         &running.pki,
         &local_api.to_string(),
         "system:kube-controller-manager",
+        &[],
     )
     .await?;
     let replica = running.replica.clone();
@@ -328,24 +372,24 @@ pub async fn server(mut args: ServerArgs) -> anyhow::Result<()> {
             transport: Some(running.transport.metrics.clone()),
         },
     ));
-    crate::node_cmd::shutdown_signal().await;
-    scheduler.abort();
-    controllers.abort();
-    api_server.stop();
-    api.abort();
-    let _ = api.await;
-    tokio::task::spawn_blocking(move || running.stop()).await??;
-    Ok(())
+    Ok(Member {
+        pki: running.pki.clone(),
+        local_api,
+        running,
+        api_server,
+        tasks: vec![scheduler, controllers, api],
+    })
 }
 
 /// A client of this member's own API with a certificate for `user` under the site CA,
 /// made at start and kept in memory only.
-async fn in_process_client(
+pub async fn in_process_client(
     pki: &brink_control::peers::pki::MemberPki,
     server: &str,
     user: &str,
+    groups: &[&str],
 ) -> anyhow::Result<kube::Client> {
-    let credential = pki.ca.issue_api_client(user, &[])?;
+    let credential = pki.ca.issue_api_client(user, groups)?;
     let text = brink_control::peers::pki::kubeconfig(
         &pki.ca.cert_pem,
         &[server.to_owned()],

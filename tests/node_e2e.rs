@@ -665,6 +665,7 @@ fn brink_up_serves_the_embedded_hello_app() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let kubelet = format!("127.0.0.1:{}", free_port());
+    let api = format!("127.0.0.1:{}", free_port());
     let mut child = std::process::Command::new(brink_bin())
         .args([
             "up",
@@ -672,6 +673,12 @@ fn brink_up_serves_the_embedded_hello_app() {
             &port.to_string(),
             "--kubelet-addr",
             &kubelet,
+            "--api-listen",
+            &api,
+            "--store-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--peer-listen",
+            &format!("127.0.0.1:{}", free_port()),
             "--data-dir",
         ])
         .arg(dir.path())
@@ -686,9 +693,61 @@ fn brink_up_serves_the_embedded_hello_app() {
             .filter(|r| r.status == 200)
             .map(|r| r.body)
     });
-    let _ = child.kill();
+    // The hello app is a Deployment on a one-member site, and the printed kubeconfig
+    // reaches it.
+    assert!(body.starts_with("Hello from Brink! (pod hello-"), "{body}");
+    let kubeconfig = dir.path().join("server/pki/admin.kubeconfig");
+    let pods = std::process::Command::new("kubectl")
+        .args(["get", "pods", "-o", "name"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("kubectl");
+    assert!(
+        stdout(&pods).starts_with("pod/hello-"),
+        "{}{}",
+        stdout(&pods),
+        stderr(&pods)
+    );
+    // Stopped and started again, it resumes the same site.
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
     let _ = child.wait();
-    assert_eq!(body, "Hello from Brink! (pod hello)\n");
+    let mut again = std::process::Command::new(brink_bin())
+        .args([
+            "up",
+            "--port",
+            &port.to_string(),
+            "--kubelet-addr",
+            &kubelet,
+            "--api-listen",
+            &api,
+        ])
+        .args(["--store-listen", &format!("127.0.0.1:{}", free_port())])
+        .args([
+            "--peer-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("brink up");
+    let served = wait_for("brink up to serve hello again", || {
+        http_get(addr(port), "/").ok().filter(|r| r.status == 200)
+    });
+    // The same pod, taken up again: stopping the node did not tell the site it finished.
+    assert_eq!(served.body, body);
+    let after = std::process::Command::new("kubectl")
+        .args(["get", "pods", "-o", "name"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("kubectl");
+    assert_eq!(stdout(&after), stdout(&pods));
+    let _ = again.kill();
+    let _ = again.wait();
 }
 
 #[test]

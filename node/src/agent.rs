@@ -264,6 +264,7 @@ impl Agent {
             }
         }
         tracing::info!("stopping every pod");
+        self.ctx.status.closing();
         // Gateway ports close first, as a kubelet's endpoints go before its pods.
         let _ = gateway_stop.send(());
         let _ = gateway.await;

@@ -70,6 +70,8 @@ pub struct DataPlane {
     view: RwLock<Arc<StatusView>>,
     /// Counts the views built, so a status writer waits for a new one.
     view_updates: watch::Sender<u64>,
+    /// Whether the source has given objects yet (they may come before `run` subscribes).
+    objects_given: std::sync::atomic::AtomicBool,
 }
 
 impl DataPlane {
@@ -85,11 +87,14 @@ impl DataPlane {
             objects: watch::Sender::new(Arc::default()),
             view: RwLock::new(Arc::default()),
             view_updates: watch::Sender::new(0),
+            objects_given: Default::default(),
         })
     }
 
     /// The source's latest objects.
     pub fn set_objects(&self, objects: GatewayObjects) {
+        self.objects_given
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.objects.send_if_modified(|current| {
             if **current == objects {
                 return false;
@@ -180,6 +185,10 @@ impl DataPlane {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let mut objects_rx = self.objects.subscribe();
+        // Objects the source gave before this subscribed would not count as a change.
+        if self.objects_given.load(std::sync::atomic::Ordering::SeqCst) {
+            objects_rx.mark_changed();
+        }
         let mut endpoints_rx = self.endpoints.subscribe();
         let mut ports = listeners::Listeners::new(
             self.settings.bind_address,

@@ -144,6 +144,9 @@ struct State {
     written: HashMap<String, (String, PodStatus)>,
     /// Stopped pods whose deletion the node may have to finish.
     finish: BTreeSet<Finish>,
+    /// The agent is shutting down: what its pods do now is not news for the site (their
+    /// status stays as it was; the next start takes them up).
+    closing: bool,
 }
 
 struct Shared {
@@ -335,22 +338,42 @@ impl GatewayStores {
                 .state()
                 .iter()
                 .map(|o| {
+                    let mut o = K::clone(o);
+                    // Versions and field owners change with every write and mean
+                    // nothing to the data plane.
+                    o.meta_mut().resource_version = None;
+                    o.meta_mut().managed_fields = None;
                     let meta = o.meta();
                     let name = meta.name.clone().unwrap_or_default();
                     let key = match &meta.namespace {
                         Some(ns) => format!("{ns}/{name}"),
                         None => name,
                     };
-                    (key, K::clone(o))
+                    (key, o)
                 })
                 .collect()
         }
+        // Status is the data plane's output, not its input: without it, the status
+        // this node writes back does not look like a change to compile again.
         GatewayObjects {
-            classes: by_key(&self.classes),
-            gateways: by_key(&self.gateways),
+            classes: by_key(&self.classes)
+                .into_iter()
+                .map(|(key, mut class)| {
+                    class.status = None;
+                    (key, class)
+                })
+                .collect(),
+            gateways: by_key(&self.gateways)
+                .into_iter()
+                .map(|(key, mut gateway)| {
+                    gateway.status = None;
+                    (key, gateway)
+                })
+                .collect(),
             routes: by_key(&self.routes)
                 .into_iter()
-                .map(|(key, route)| {
+                .map(|(key, mut route)| {
+                    route.status = None;
                     let invalid = brink_proto::gateway::validate_route_spec(&route.spec).err();
                     (key, RouteManifest { route, invalid })
                 })
@@ -548,6 +571,9 @@ impl PodSource for SitePods {
 impl StatusSink for SiteStatus {
     fn changed(&self, key: &str, uid: &str, status: &PodStatus) {
         let queued = self.shared.with_state(|s| {
+            if s.closing {
+                return false;
+            }
             let same = |entry: Option<&(String, PodStatus)>| {
                 entry.is_some_and(|(u, st)| u == uid && st == status)
             };
@@ -565,6 +591,10 @@ impl StatusSink for SiteStatus {
         if queued == Some(true) {
             self.shared.work.notify_one();
         }
+    }
+
+    fn closing(&self) {
+        self.shared.with_state(|s| s.closing = true);
     }
 
     fn stopped(&self, key: &str, uid: &str) {

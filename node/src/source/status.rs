@@ -15,6 +15,10 @@ pub trait StatusSink: Send + Sync + 'static {
     /// The pod `key` with `uid` no longer runs here: its worker has ended because the
     /// source stopped wanting it. A site's sink finishes a graceful deletion now.
     fn stopped(&self, _key: &str, _uid: &str) {}
+
+    /// The agent is shutting down and stops every pod: from now on nothing is reported
+    /// (a kubelet that stops does not say its pods finished).
+    fn closing(&self) {}
 }
 
 /// The standalone node's sink: status stays in the workers' records, where the kubelet
