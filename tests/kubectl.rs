@@ -1772,6 +1772,142 @@ fn deployments(admin: &Kubectl<'_>, hello: &str) {
     });
 }
 
+/// A DaemonSet puts one pod on the Ready node; Jobs run to completion (completions and
+/// parallelism) or fail past their backoff limit, as kubectl wait sees them.
+fn daemons_and_jobs(admin: &Kubectl<'_>, hello: &str, job: &str) {
+    admin.ok(&["create", "namespace", "batch"]);
+    let daemon = format!(
+        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\n  namespace: batch\nspec:\n  selector:\n    matchLabels:\n      app: agent\n  template:\n    metadata:\n      labels:\n        app: agent\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: agent\n        image: {hello}\n"
+    );
+    let applied = admin.run_with_stdin(&["apply", "-f", "-"], Some(&daemon));
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let out = admin.ok(&[
+        "-n",
+        "batch",
+        "rollout",
+        "status",
+        "daemonset/agent",
+        "--timeout=60s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let placed = admin.ok(&[
+        "-n",
+        "batch",
+        "get",
+        "pods",
+        "-l",
+        "app=agent",
+        "-o",
+        "jsonpath={.items[*].spec.nodeName}",
+    ]);
+    assert_eq!(placed, "shop-7", "one pod, on the one Ready node");
+    let counts = admin.ok(&[
+        "-n",
+        "batch",
+        "get",
+        "daemonset",
+        "agent",
+        "-o",
+        "jsonpath={.status.desiredNumberScheduled} {.status.numberReady}",
+    ]);
+    assert_eq!(counts, "1 1");
+    // A new template replaces the pod.
+    admin.ok(&["-n", "batch", "rollout", "restart", "daemonset/agent"]);
+    let out = admin.ok(&[
+        "-n",
+        "batch",
+        "rollout",
+        "status",
+        "daemonset/agent",
+        "--timeout=60s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    wait_for("the old daemon pod to go", || {
+        let pods = admin.ok(&[
+            "-n",
+            "batch",
+            "get",
+            "pods",
+            "-l",
+            "app=agent",
+            "-o",
+            "name",
+        ]);
+        (pods.lines().count() == 1).then_some(())
+    });
+    let updated = admin.ok(&[
+        "-n",
+        "batch",
+        "get",
+        "daemonset",
+        "agent",
+        "-o",
+        "jsonpath={.status.updatedNumberScheduled}",
+    ]);
+    assert_eq!(updated, "1");
+
+    let job_yaml = |name: &str, completions: u32, parallelism: u32, limit: u32, args: &str| {
+        format!(
+            "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n  namespace: batch\nspec:\n  completions: {completions}\n  parallelism: {parallelism}\n  backoffLimit: {limit}\n  template:\n    spec:\n      restartPolicy: Never\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: work\n        image: {job}\n        args: [{args}]\n"
+        )
+    };
+    let both = format!(
+        "{}---\n{}",
+        job_yaml("count", 3, 2, 2, "\"--lines\", \"2\""),
+        job_yaml("broken", 1, 1, 1, "\"--exit\", \"3\"")
+    );
+    let created = admin.run_with_stdin(&["create", "-f", "-"], Some(&both));
+    assert!(created.status.success(), "{}", stderr(&created));
+    admin.ok(&[
+        "-n",
+        "batch",
+        "wait",
+        "--for=condition=complete",
+        "job/count",
+        "--timeout=90s",
+    ]);
+    let done = admin.ok(&[
+        "-n",
+        "batch",
+        "get",
+        "job",
+        "count",
+        "-o",
+        "jsonpath={.status.succeeded} {.status.failed}",
+    ]);
+    assert_eq!(done, "3 0");
+    let pods = admin.ok(&[
+        "-n",
+        "batch",
+        "get",
+        "pods",
+        "-l",
+        "job-name=count",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(pods.lines().count(), 3, "{pods}");
+    admin.ok(&[
+        "-n",
+        "batch",
+        "wait",
+        "--for=condition=failed",
+        "job/broken",
+        "--timeout=90s",
+    ]);
+    let failed = admin.ok(&[
+        "-n",
+        "batch",
+        "get",
+        "job",
+        "broken",
+        "-o",
+        "jsonpath={.status.failed} {.status.conditions[?(@.type==\"Failed\")].reason}",
+    ]);
+    assert_eq!(failed, "2 BackoffLimitExceeded");
+    admin.ok(&["delete", "namespace", "batch", "--wait=false"]);
+}
+
 /// A joined node's flags: its own credential, host ports on loopback.
 fn node_flags(kubeconfig: &Path) -> Vec<&str> {
     vec![
@@ -1952,6 +2088,7 @@ fn pods_on_a_joined_node(
 
     scheduled_pods(admin, &hello, &job);
     deployments(admin, &hello);
+    daemons_and_jobs(admin, &hello, &job);
 
     // Deleted gracefully: the node stops it, then finishes the deletion.
     admin.ok(&["-n", "shop", "delete", "pod", "hello", "--wait=false"]);

@@ -11,8 +11,8 @@
 //! - [`apiserver`]: the Kubernetes API over the store, served by every member.
 //! - [`accept`]: accepting connections with a limit and back-off, for both HTTP servers.
 //! - [`scheduler`]: places pods on nodes, as an API client (on the leader, or anywhere).
-//! - [`controllers`]: ReplicaSets and Deployments (more to come), API clients on the
-//!   leader; [`leading`] starts and stops leader-only work.
+//! - [`controllers`]: ReplicaSets, Deployments, DaemonSets and Jobs (more to come), API
+//!   clients on the leader; [`leading`] starts and stops leader-only work.
 //!
 //! To come: the other controllers, and the bridge to an upstream cluster. It must not run
 //! guests or touch a node's disk: nodes reach it only through the Kubernetes API.

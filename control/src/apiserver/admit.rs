@@ -239,10 +239,79 @@ pub fn admit(
         }
         ("", "Event") => plain!(core::Event)?,
         ("", "ServiceAccount") => plain!(core::ServiceAccount)?,
-        ("apps", "Deployment") => plain!(apps::Deployment)?,
-        ("apps", "ReplicaSet") => plain!(apps::ReplicaSet)?,
-        ("apps", "DaemonSet") => plain!(apps::DaemonSet)?,
-        ("batch", "Job") => plain!(batch::Job)?,
+        // The defaults kube-apiserver fills in for workloads (kubectl's rollout verbs
+        // read them).
+        ("apps", "Deployment") => typed::<apps::Deployment>(
+            value,
+            kind,
+            |d| {
+                use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+                let spec = d.spec.get_or_insert_with(Default::default);
+                spec.replicas.get_or_insert(1);
+                spec.revision_history_limit.get_or_insert(10);
+                spec.progress_deadline_seconds.get_or_insert(600);
+                let strategy = spec.strategy.get_or_insert_with(Default::default);
+                let kind = strategy.type_.get_or_insert_with(|| "RollingUpdate".into());
+                if kind == "RollingUpdate" {
+                    let rolling = strategy.rolling_update.get_or_insert_with(Default::default);
+                    rolling
+                        .max_surge
+                        .get_or_insert_with(|| IntOrString::String("25%".into()));
+                    rolling
+                        .max_unavailable
+                        .get_or_insert_with(|| IntOrString::String("25%".into()));
+                }
+                Ok(())
+            },
+            |o| &mut o.metadata,
+        )?,
+        ("apps", "ReplicaSet") => typed::<apps::ReplicaSet>(
+            value,
+            kind,
+            |rs| {
+                rs.spec
+                    .get_or_insert_with(Default::default)
+                    .replicas
+                    .get_or_insert(1);
+                Ok(())
+            },
+            |o| &mut o.metadata,
+        )?,
+        ("apps", "DaemonSet") => typed::<apps::DaemonSet>(
+            value,
+            kind,
+            |ds| {
+                use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+                let spec = ds.spec.get_or_insert_with(Default::default);
+                spec.revision_history_limit.get_or_insert(10);
+                let strategy = spec.update_strategy.get_or_insert_with(Default::default);
+                let kind = strategy.type_.get_or_insert_with(|| "RollingUpdate".into());
+                if kind == "RollingUpdate" {
+                    let rolling = strategy.rolling_update.get_or_insert_with(Default::default);
+                    rolling.max_unavailable.get_or_insert(IntOrString::Int(1));
+                    rolling.max_surge.get_or_insert(IntOrString::Int(0));
+                }
+                Ok(())
+            },
+            |o| &mut o.metadata,
+        )?,
+        ("batch", "Job") => typed::<batch::Job>(
+            value,
+            kind,
+            |job| {
+                let spec = job.spec.get_or_insert_with(Default::default);
+                if spec.completions.is_none() && spec.parallelism.is_none() {
+                    spec.completions = Some(1);
+                }
+                spec.parallelism.get_or_insert(1);
+                spec.backoff_limit.get_or_insert(6);
+                spec.completion_mode
+                    .get_or_insert_with(|| "NonIndexed".into());
+                spec.suspend.get_or_insert(false);
+                Ok(())
+            },
+            |o| &mut o.metadata,
+        )?,
         ("coordination.k8s.io", "Lease") => plain!(coordination::Lease)?,
         ("discovery.k8s.io", "EndpointSlice") => plain!(discovery::EndpointSlice)?,
         ("events.k8s.io", "Event") => plain!(events::Event)?,

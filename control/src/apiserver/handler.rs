@@ -1150,6 +1150,9 @@ async fn create_object(
             spec.remove("extra");
         }
     }
+    if kind.group == "batch" && kind.resource == "jobs" {
+        job_selector(&mut object);
+    }
     // An applier owns what it sent, not what defaulting adds; a creator owns it all.
     let applied = (origin == Origin::Apply).then(|| managed::fields_of(&object));
     let (mut object, warnings) = admit(kind, object, validation)?;
@@ -1824,6 +1827,43 @@ async fn delete_collection(call: &Call<'_>, target: &Target) -> Result<Response<
         &json!({"kind": format!("{}List", target.kind.kind), "apiVersion": target.kind.api_version(), "metadata": {}, "items": deleted}),
         &[],
     ))
+}
+
+/// A Job without `manualSelector` gets the selector and pod labels kube-apiserver gives
+/// it: the Job's uid and name, so `kubectl logs job/NAME` and `get pods -l` find its pods.
+fn job_selector(job: &mut Value) {
+    if job.pointer("/spec/manualSelector").and_then(Value::as_bool) == Some(true)
+        || !job.get("spec").is_some_and(Value::is_object)
+    {
+        return;
+    }
+    let uid = job.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
+    let name = job
+        .pointer("/metadata/name")
+        .cloned()
+        .unwrap_or(Value::Null);
+    job["spec"]["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+    if !job
+        .pointer("/spec/template/metadata")
+        .is_some_and(Value::is_object)
+    {
+        if !job.pointer("/spec/template").is_some_and(Value::is_object) {
+            job["spec"]["template"] = json!({});
+        }
+        job["spec"]["template"]["metadata"] = json!({});
+    }
+    let labels = &mut job["spec"]["template"]["metadata"]["labels"];
+    if !labels.is_object() {
+        *labels = json!({});
+    }
+    for (key, value) in [
+        ("batch.kubernetes.io/controller-uid", &uid),
+        ("batch.kubernetes.io/job-name", &name),
+        ("controller-uid", &uid),
+        ("job-name", &name),
+    ] {
+        labels[key] = value.clone();
+    }
 }
 
 /// `pods/binding`: sets `spec.nodeName` once, as one compare-and-set.

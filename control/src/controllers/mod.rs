@@ -6,10 +6,14 @@
 //! ([`run_while_leading`]).
 //!
 //! Owns: [`replicaset`] (pods for a ReplicaSet), [`deployment`] (ReplicaSets for a
-//! Deployment: rolling update, recreate, revision history). Must not touch the store or
+//! Deployment: rolling update, recreate, revision history), [`daemonset`] (a pod per
+//! eligible node), [`job`] (pods until completions succeed or the backoff limit is
+//! passed). Must not touch the store or
 //! nodes; garbage collection of what owners leave behind is the API server's (`gc`).
 
+pub mod daemonset;
 pub mod deployment;
+pub mod job;
 pub mod replicaset;
 
 use std::collections::BTreeMap;
@@ -49,6 +53,90 @@ impl Default for ControllerSettings {
     }
 }
 
+/// What each owner (by uid) is waiting to see in its watch: pods it created (by name)
+/// and pods it deleted, with when (kube's expectations). A quick second pass counts
+/// them, so it does not create or delete twice.
+#[derive(Debug, Default)]
+pub struct Expectations(std::sync::Mutex<std::collections::HashMap<String, Expecting>>);
+
+/// Pods one owner created and deleted (by name, with when) that its watch has not shown.
+type Expecting = (
+    std::collections::HashMap<String, std::time::Instant>,
+    std::collections::HashMap<String, std::time::Instant>,
+);
+
+impl Expectations {
+    /// Forgets what the watch now shows (created pods it has seen, deleted pods no
+    /// longer live) or what is older than `timeout`; returns how many creations are
+    /// still expected and which deletions.
+    pub fn settle(
+        &self,
+        owner: &str,
+        seen: &std::collections::BTreeSet<String>,
+        live: &std::collections::BTreeSet<String>,
+        timeout: Duration,
+    ) -> (usize, std::collections::BTreeSet<String>) {
+        let Ok(mut all) = self.0.lock() else {
+            return (0, Default::default());
+        };
+        let (created, deleted) = all.entry(owner.to_owned()).or_default();
+        created.retain(|name, at| !seen.contains(name) && at.elapsed() < timeout);
+        deleted.retain(|name, at| live.contains(name) && at.elapsed() < timeout);
+        (created.len(), deleted.keys().cloned().collect())
+    }
+
+    pub fn created(&self, owner: &str, name: &str) {
+        if let Ok(mut all) = self.0.lock() {
+            all.entry(owner.to_owned())
+                .or_default()
+                .0
+                .insert(name.to_owned(), std::time::Instant::now());
+        }
+    }
+
+    pub fn deleted(&self, owner: &str, name: &str) {
+        if let Ok(mut all) = self.0.lock() {
+            all.entry(owner.to_owned())
+                .or_default()
+                .1
+                .insert(name.to_owned(), std::time::Instant::now());
+        }
+    }
+}
+
+/// Follows every Pod into a store (for controllers that own pods).
+pub async fn pod_store(
+    client: &kube::Client,
+) -> Option<(
+    kube::runtime::reflector::Store<Pod>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use futures::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    let (pods, writer) = kube::runtime::reflector::store();
+    let api = Api::<Pod>::all(client.clone());
+    let task = tokio::spawn(async move {
+        let stream = kube::runtime::reflector::reflector(
+            writer,
+            kube::runtime::watcher::watcher(api, Default::default()),
+        )
+        .default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "controllers: pod watch failed; retrying");
+            }
+        }
+    });
+    match pods.wait_until_ready().await {
+        Ok(()) => Some((pods, task)),
+        Err(_) => {
+            task.abort();
+            None
+        }
+    }
+}
+
 /// Why a reconcile failed (it is retried with back-off).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -69,7 +157,9 @@ pub async fn run_while_leading(
         async move {
             tokio::join!(
                 replicaset::run(client.clone(), settings.clone()),
-                deployment::run(client, settings),
+                deployment::run(client.clone(), settings.clone()),
+                daemonset::run(client.clone(), settings.clone()),
+                job::run(client, settings),
             );
         }
     })

@@ -5,9 +5,8 @@
 //! many. Surplus pods go in kube's order: unscheduled, then pending, then not ready,
 //! then the newest.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -15,8 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::json;
 
@@ -25,45 +23,24 @@ use super::{ControllerSettings, ReconcileError, controller_uid, is_active, is_av
 /// The component name on its Events.
 pub const COMPONENT: &str = "replicaset-controller";
 
-/// What one ReplicaSet is waiting to see: pods it created (by name) and pods it deleted.
-#[derive(Debug, Default)]
-struct Expectations {
-    created: HashMap<String, Instant>,
-    deleted: HashMap<String, Instant>,
-}
-
 struct Context {
     client: kube::Client,
     pods: Store<Pod>,
     settings: ControllerSettings,
     /// By ReplicaSet uid.
-    expectations: Mutex<HashMap<String, Expectations>>,
+    expectations: super::Expectations,
 }
 
 /// Runs the ReplicaSet controller until its watches end.
 pub async fn run(client: kube::Client, settings: ControllerSettings) {
-    let (pods, writer) = reflector::store();
-    let follower = tokio::spawn({
-        let api = Api::<Pod>::all(client.clone());
-        async move {
-            let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
-                .default_backoff();
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "replicaset controller: pod watch failed; retrying");
-                }
-            }
-        }
-    });
-    if pods.wait_until_ready().await.is_err() {
+    let Some((pods, follower)) = super::pod_store(&client).await else {
         return;
-    }
+    };
     let context = Arc::new(Context {
         client: client.clone(),
         pods,
         settings,
-        expectations: Mutex::new(HashMap::new()),
+        expectations: Default::default(),
     });
     Controller::new(Api::<ReplicaSet>::all(client.clone()), Default::default())
         .owns(Api::<Pod>::all(client), Default::default())
@@ -145,24 +122,11 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Rec
         .filter(|p| controller_uid(&p.metadata) == Some(&uid))
         .collect();
     let active: Vec<&Arc<Pod>> = owned.iter().filter(|p| is_active(p)).collect();
-    let timeout = ctx.settings.expectation_timeout;
-    let (expected_creates, expected_deletes) = {
-        let mut all = ctx
-            .expectations
-            .lock()
-            .map_err(|_| ReconcileError::Invalid("expectations poisoned".into()))?;
-        let e = all.entry(uid.clone()).or_default();
-        let seen: BTreeSet<String> = owned.iter().map(|p| p.name_any()).collect();
-        let live: BTreeSet<String> = active.iter().map(|p| p.name_any()).collect();
-        e.created
-            .retain(|name, at| !seen.contains(name) && at.elapsed() < timeout);
-        e.deleted
-            .retain(|name, at| live.contains(name) && at.elapsed() < timeout);
-        (
-            e.created.len(),
-            e.deleted.keys().cloned().collect::<BTreeSet<_>>(),
-        )
-    };
+    let seen: BTreeSet<String> = owned.iter().map(|p| p.name_any()).collect();
+    let live: BTreeSet<String> = active.iter().map(|p| p.name_any()).collect();
+    let (expected_creates, expected_deletes) =
+        ctx.expectations
+            .settle(&uid, &seen, &live, ctx.settings.expectation_timeout);
     let counted = active
         .iter()
         .filter(|p| !expected_deletes.contains(&p.name_any()))
@@ -191,12 +155,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Rec
             match result {
                 Ok(pod) => {
                     let name = pod.name_any();
-                    if let Ok(mut all) = ctx.expectations.lock() {
-                        all.entry(uid.clone())
-                            .or_default()
-                            .created
-                            .insert(name.clone(), Instant::now());
-                    }
+                    ctx.expectations.created(&uid, &name);
                     super::record(
                         &ctx.client,
                         COMPONENT,
@@ -242,12 +201,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Rec
             };
             match pods.delete(&name, &params).await {
                 Ok(_) => {
-                    if let Ok(mut all) = ctx.expectations.lock() {
-                        all.entry(uid.clone())
-                            .or_default()
-                            .deleted
-                            .insert(name.clone(), Instant::now());
-                    }
+                    ctx.expectations.deleted(&uid, &name);
                     super::record(
                         &ctx.client,
                         COMPONENT,
