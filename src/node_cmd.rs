@@ -483,6 +483,7 @@ impl SiteFlags {
             node_name: settings.node_name.clone(),
             address,
             max_pods: self.max_pods,
+            kubelet_port: settings.kubelet_addr.port(),
             lease_renew: self.node_lease_renew,
             status_report: self.node_status_report,
         }
@@ -681,6 +682,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         node_name: settings.node_name.clone(),
         address: settings.host_port_address,
         max_pods: 110,
+        kubelet_port: settings.kubelet_addr.port(),
         lease_renew: std::time::Duration::from_secs(10),
         status_report: std::time::Duration::from_secs(300),
     };

@@ -298,7 +298,8 @@ fn session(k: &Kubectl<'_>, ns: &str) {
     let explain = k.ok(&["explain", "pods.spec.containers.image"]);
     assert!(explain.contains("Container image name"), "{explain}");
     let logs = k.fails(&["-n", ns, "logs", "web", "-c", "web"]);
-    assert!(logs.contains("no node serves pod"), "{logs}");
+    // No node has joined this site: nothing runs the pod yet.
+    assert!(logs.contains("pod web does not have a host assigned"), "{logs}");
 
     // Labels, annotations and all three patch types.
     k.ok(&["-n", ns, "label", "configmap", "cfg", "tier=front"]);
@@ -1571,6 +1572,11 @@ fn scheduled_pods(admin: &Kubectl<'_>, hello: &str, job: &str) {
         field("mars", "{.status.conditions[0].reason} {.status.phase}"),
         "Unschedulable Pending"
     );
+    let err = admin.fails(&["-n", "placed", "logs", "mars"]);
+    assert!(
+        err.contains("pod mars does not have a host assigned"),
+        "{err}"
+    );
     // A node change is what it waited for.
     admin.ok(&["label", "node", "shop-7", "zone=mars"]);
     admin.ok(&[
@@ -1887,6 +1893,11 @@ fn daemons_and_jobs(admin: &Kubectl<'_>, hello: &str, job: &str) {
         "name",
     ]);
     assert_eq!(pods.lines().count(), 3, "{pods}");
+    // kubectl logs job/NAME finds a pod through the Job's generated selector.
+    assert_eq!(
+        admin.ok(&["-n", "batch", "logs", "job/count"]),
+        "job line 1\njob line 2\n"
+    );
     admin.ok(&[
         "-n",
         "batch",
@@ -2051,6 +2062,20 @@ fn pods_on_a_joined_node(
     );
     let table = admin.ok(&["-n", "shop", "get", "pods"]);
     assert_eq!(row(&table, "once")[2], "Completed", "{table}");
+    // kubectl logs goes through the API server to the node's kubelet endpoint.
+    assert_eq!(
+        admin.ok(&["-n", "shop", "logs", "once"]),
+        "job line 1\njob line 2\n"
+    );
+    assert_eq!(
+        admin.ok(&["-n", "shop", "logs", "once", "--tail=1"]),
+        "job line 2\n"
+    );
+    let err = admin.fails(&["-n", "shop", "logs", "once", "-c", "nope"]);
+    assert!(
+        err.contains("container nope is not valid for pod once"),
+        "{err}"
+    );
 
     // The agent restarts: the running pod comes back under the same uid and restart
     // count, the finished one is not run again.

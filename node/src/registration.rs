@@ -27,6 +27,9 @@ pub struct RegistrationSettings {
     pub address: std::net::IpAddr,
     /// The most pods the node runs (`capacity.pods`).
     pub max_pods: u32,
+    /// The port of the node's kubelet endpoint (`daemonEndpoints.kubeletEndpoint`):
+    /// the API server reads pods' logs there, at the InternalIP.
+    pub kubelet_port: u16,
     /// How often the Lease is renewed (`--node-lease-renew`).
     pub lease_renew: Duration,
     /// How often status is written when nothing changed (`--node-status-report`).
@@ -96,6 +99,11 @@ pub fn node_object(s: &RegistrationSettings) -> Node {
                     address: s.node_name.clone(),
                 },
             ]),
+            daemon_endpoints: Some(k8s_openapi::api::core::v1::NodeDaemonEndpoints {
+                kubelet_endpoint: Some(k8s_openapi::api::core::v1::DaemonEndpoint {
+                    port: i32::from(s.kubelet_port),
+                }),
+            }),
             node_info: Some(NodeSystemInfo {
                 architecture: arch.into(),
                 operating_system: "linux".into(),
@@ -252,6 +260,7 @@ mod tests {
             node_name: "shop-7".into(),
             address: "10.0.0.7".parse().expect("ip"),
             max_pods: 110,
+            kubelet_port: 10250,
             lease_renew: Duration::from_secs(10),
             status_report: Duration::from_secs(300),
         });

@@ -635,10 +635,7 @@ pub async fn resource(call: Call<'_>, target: Target) -> Response<Body> {
         ("get", None) | ("get", Some("status")) | ("get", Some("scale")) => {
             get(&call, &target).await
         }
-        ("get", Some("log")) => Err(ApiError::unavailable(format!(
-            "no node serves pod {:?} yet: nodes join a site in a later release of Brink, and logs are read from the node running the pod",
-            target.name.as_deref().unwrap_or("")
-        ))),
+        ("get", Some("log")) => pod_log(&call, &target).await,
         ("create", None) => create(&call, &target).await,
         ("create", Some("binding")) => bind(&call, &target).await,
         ("update", None)
@@ -1864,6 +1861,66 @@ fn job_selector(job: &mut Value) {
     ] {
         labels[key] = value.clone();
     }
+}
+
+/// `pods/log`: from the node running the pod (see [`super::pod_log`]).
+async fn pod_log(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiError> {
+    let name = target.name.clone().unwrap_or_default();
+    let key = target.kind.key(target.namespace.as_deref(), &name);
+    let Some((pod, _)) = read_object(call.state, &key).await? else {
+        return Err(ApiError::not_found(target.kind, &name));
+    };
+    let container = super::pod_log::container(&pod, &name, call.q("container"))?;
+    let Some(node) = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+    else {
+        return Err(ApiError::bad_request(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    };
+    if call.q("previous").is_some_and(|p| p == "true") {
+        return Err(ApiError::bad_request(
+            "previous=true is not supported by Brink nodes yet: a restarted container's log continues in one file",
+        ));
+    }
+    let address = call
+        .state
+        .cache
+        .get(&format!("/registry/core/nodes/{node}"))
+        .and_then(|n| super::pod_log::kubelet_address(&n))
+        .ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "node {node:?} has no address the API server can reach its kubelet endpoint at"
+            ))
+        })?;
+    let mut query = Vec::new();
+    for (key, wanted) in [
+        ("tailLines", "tailLines"),
+        ("timestamps", "timestamps"),
+        ("follow", "follow"),
+    ] {
+        if let Some(value) = call.q(key) {
+            if key == "tailLines" && value.parse::<u64>().is_err() {
+                return Err(ApiError::bad_request(format!(
+                    "tailLines must be a number, not {value:?}"
+                )));
+            }
+            let value: String = value
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .collect();
+            query.push(format!("{wanted}={value}"));
+        }
+    }
+    let namespace = target.namespace.as_deref().unwrap_or("default");
+    let path = format!(
+        "/containerLogs/{namespace}/{name}/{container}{}{}",
+        if query.is_empty() { "" } else { "?" },
+        query.join("&")
+    );
+    super::pod_log::proxy(&address, &path).await
 }
 
 /// `pods/binding`: sets `spec.nodeName` once, as one compare-and-set.

@@ -23,6 +23,7 @@ pub mod kinds;
 pub mod managed;
 pub mod openapi;
 pub mod patch;
+pub mod pod_log;
 pub mod protobuf;
 pub mod select;
 pub mod status;
