@@ -107,6 +107,17 @@ pub struct ServerArgs {
     /// Pod bindings the scheduler has in flight at once.
     #[arg(long, default_value_t = 16)]
     scheduler_parallel_bindings: usize,
+    /// How long a node may go without renewing its Lease before it is marked
+    /// Ready=Unknown and tainted unreachable.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "40s")]
+    node_grace_period: Duration,
+    /// How often the node controller looks at nodes and their pods.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    node_monitor_period: Duration,
+    /// How long a pod stays on a not-ready or unreachable node before it is evicted,
+    /// unless it says otherwise (the tolerations the API server adds to every pod).
+    #[arg(long, default_value_t = 300)]
+    default_toleration_seconds: u32,
     /// How often the controllers reconcile every object when nothing changed.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     controller_resync: Duration,
@@ -225,6 +236,10 @@ pub async fn start(args: ServerArgs) -> anyhow::Result<Member> {
         "--controller-resync and --controller-expectation-timeout must be positive"
     );
     anyhow::ensure!(
+        !args.node_grace_period.is_zero() && !args.node_monitor_period.is_zero(),
+        "--node-grace-period and --node-monitor-period must be positive"
+    );
+    anyhow::ensure!(
         args.api_max_connections >= 1 && args.api_max_watches >= 1,
         "--api-max-connections and --api-max-watches must be at least 1"
     );
@@ -298,6 +313,7 @@ pub async fn start(args: ServerArgs) -> anyhow::Result<Member> {
             max_connections: args.api_max_connections,
             max_watches: args.api_max_watches,
             node_certificate_days: args.node_certificate_days,
+            default_toleration_seconds: i64::from(args.default_toleration_seconds),
             ..Default::default()
         },
         tokens,
@@ -339,6 +355,10 @@ pub async fn start(args: ServerArgs) -> anyhow::Result<Member> {
         brink_control::controllers::ControllerSettings {
             resync: args.controller_resync,
             expectation_timeout: args.controller_expectation_timeout,
+            node_lifecycle: brink_control::controllers::nodelifecycle::NodeLifecycleSettings {
+                grace: args.node_grace_period,
+                period: args.node_monitor_period,
+            },
             ..Default::default()
         },
         move || replica.is_leader(),

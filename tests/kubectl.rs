@@ -299,7 +299,10 @@ fn session(k: &Kubectl<'_>, ns: &str) {
     assert!(explain.contains("Container image name"), "{explain}");
     let logs = k.fails(&["-n", ns, "logs", "web", "-c", "web"]);
     // No node has joined this site: nothing runs the pod yet.
-    assert!(logs.contains("pod web does not have a host assigned"), "{logs}");
+    assert!(
+        logs.contains("pod web does not have a host assigned"),
+        "{logs}"
+    );
 
     // Labels, annotations and all three patch types.
     k.ok(&["-n", ns, "label", "configmap", "cfg", "tier=front"]);
@@ -2144,4 +2147,204 @@ fn pods_on_a_joined_node(
     let left = admin.ok(&["-n", "shop", "get", "pods", "-o", "name"]);
     assert_eq!(left.trim(), "", "{left}");
     drop(node);
+}
+
+/// Three nodes join one site: a Deployment spreads over them and is served by every
+/// node's Gateway (each node its own pods), and when a node is killed its pods are
+/// replaced on the others once its grace period and the pods' tolerations pass.
+#[test]
+fn three_nodes_share_a_site_and_survive_losing_one() {
+    let site = Site::init(&[
+        "--node-grace-period",
+        "3s",
+        "--node-monitor-period",
+        "500ms",
+        "--default-toleration-seconds",
+        "2",
+    ]);
+    let bin = &kubectl_builds()[0];
+    let admin = Kubectl {
+        bin,
+        config: site.kubeconfig(),
+    };
+    let created = brink(&[
+        "server",
+        "token",
+        "create",
+        "--data-dir",
+        site.dir.to_str().expect("utf-8"),
+        "--print-join-command",
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let printed = stdout(&created);
+    let token = printed.lines().next().unwrap_or_default().to_owned();
+    let pin = printed
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    let server = format!("https://{}", site.api);
+    wait_for("cluster-info to be signed for the token", || {
+        let info = admin.ok(&[
+            "-n",
+            "kube-public",
+            "get",
+            "cm",
+            "cluster-info",
+            "-o",
+            "jsonpath={.data}",
+        ]);
+        info.contains(&format!("jws-kubeconfig-{}", &token[..6]))
+            .then_some(())
+    });
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let images = tempfile::tempdir().expect("tempdir");
+    let hello = layout_image(images.path(), "hello");
+    // Each node its own address in 127.0.0.0/8, ports, data directory and ID pool.
+    let start = |i: u32| {
+        let ip = format!("127.0.0.{}", i + 2);
+        let dir = tmp.path().join(format!("node-{i}"));
+        let child = Command::new(brink_bin())
+            .args(["node", "--data-dir", dir.to_str().expect("utf-8")])
+            .args([
+                "--node-name",
+                &format!("edge-{i}"),
+                "--node-lease-renew",
+                "500ms",
+            ])
+            .args(["--kubelet-addr", &format!("{ip}:{}", free_port())])
+            .args(["--host-port-address", &ip, "--gateway-address", &ip])
+            .args([
+                "--id-pool-base",
+                &(1_000_000 + i * 64 * 65_536).to_string(),
+                "--id-pool-ranges",
+                "64",
+            ])
+            .args([
+                "--server",
+                &server,
+                "--token",
+                &token,
+                "--discovery-token-ca-cert-hash",
+                &pin,
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("brink node");
+        NodeProcess(child)
+    };
+    let nodes: Vec<NodeProcess> = (0..3).map(start).collect();
+    wait_for("three Ready nodes", || {
+        let table = admin.ok(&["get", "nodes"]);
+        (table.lines().filter(|l| l.contains(" Ready ")).count() == 3).then_some(())
+    });
+
+    admin.ok(&["create", "namespace", "spread"]);
+    let port = free_port();
+    let manifest = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: spread\nspec:\n  replicas: 9\n  selector:\n    matchLabels:\n      app: web\n  template:\n    metadata:\n      labels:\n        app: web\n    spec:\n      terminationGracePeriodSeconds: 1\n      containers:\n      - name: web\n        image: {hello}\n        env:\n        - name: POD_NAME\n          valueFrom:\n            fieldRef:\n              fieldPath: metadata.name\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: spread\nspec:\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata:\n  name: brink\nspec:\n  controllerName: brink.dev/gateway-controller\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: edge\n  namespace: spread\nspec:\n  gatewayClassName: brink\n  listeners:\n  - name: http\n    port: {port}\n    protocol: HTTP\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: web\n  namespace: spread\nspec:\n  parentRefs:\n  - name: edge\n  rules:\n  - backendRefs:\n    - name: web\n      port: 80\n"
+    );
+    let applied = admin.run_with_stdin(&["apply", "-f", "-"], Some(&manifest));
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let out = admin.ok(&[
+        "-n",
+        "spread",
+        "rollout",
+        "status",
+        "deployment/web",
+        "--timeout=120s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let per_node = |admin: &Kubectl<'_>| {
+        let placed = admin.ok(&[
+            "-n",
+            "spread",
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "--field-selector",
+            "status.phase=Running",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.nodeName} {end}",
+        ]);
+        let mut counts = std::collections::BTreeMap::new();
+        for node in placed.split_whitespace() {
+            *counts.entry(node.to_owned()).or_insert(0) += 1;
+        }
+        counts
+    };
+    let spread = per_node(&admin);
+    assert_eq!(
+        spread.values().copied().collect::<Vec<_>>(),
+        [3, 3, 3],
+        "{spread:?}"
+    );
+    // Every node's Gateway serves, each with the pods on that node.
+    for i in 0..3 {
+        let addr: std::net::SocketAddr = format!("127.0.0.{}:{port}", i + 2).parse().expect("addr");
+        let served = wait_for("a node's gateway to serve", || {
+            http_get(addr, "/").ok().filter(|r| r.status == 200)
+        });
+        assert!(served.body.contains("web-"), "{}", served.body);
+    }
+
+    // edge-2 dies: after its grace period it is unreachable, its pods are evicted after
+    // their 2 s toleration and replaced on the other two.
+    let mut nodes = nodes;
+    drop(nodes.pop());
+    wait_for("edge-2 to be marked unreachable", || {
+        let taints = admin.ok(&[
+            "get",
+            "node",
+            "edge-2",
+            "-o",
+            "jsonpath={.spec.taints[*].key}",
+        ]);
+        taints
+            .contains("node.kubernetes.io/unreachable")
+            .then_some(())
+    });
+    let status = admin.ok(&[
+        "get",
+        "node",
+        "edge-2",
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+    ]);
+    assert_eq!(status, "Unknown");
+    let healed = wait_for("nine pods running on the two live nodes", || {
+        let counts = per_node(&admin);
+        let live: usize = ["edge-0", "edge-1"]
+            .iter()
+            .filter_map(|n| counts.get(*n))
+            .sum();
+        (live == 9).then_some(counts)
+    });
+    // What was on edge-2 stays Terminating: nobody can confirm it stopped (as in
+    // Kubernetes), and it no longer counts as a replica.
+    let left = admin.ok(&["-n", "spread", "get", "pods", "-o", "wide"]);
+    let stranded: Vec<&str> = left.lines().filter(|l| l.contains("edge-2")).collect();
+    assert_eq!(
+        stranded.len(),
+        healed.get("edge-2").copied().unwrap_or(0),
+        "{left}"
+    );
+    assert!(stranded.iter().all(|l| l.contains("Terminating")), "{left}");
+    let evictions = admin.ok(&[
+        "-n",
+        "spread",
+        "get",
+        "events",
+        "-o",
+        "jsonpath={range .items[*]}{.reason} {end}",
+    ]);
+    assert!(evictions.contains("TaintManagerEviction"), "{evictions}");
+    drop(nodes);
 }

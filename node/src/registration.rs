@@ -243,6 +243,24 @@ pub async fn run(
         if registered && let Err(e) = renew_lease(&leases, &name, lease_duration).await {
             tracing::warn!(node = %name, error = %e, "cannot renew the node's lease; trying again");
         }
+        // The site marks a node it has not heard from Ready=Unknown; once it hears from
+        // it again, the node says it is Ready without waiting for the next report.
+        if registered
+            && let Ok(node) = nodes.get_status(&name).await
+            && !node
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        {
+            tracing::info!(node = %name, "the site does not see this node Ready; reporting again");
+            match register(&nodes, &node_object(&settings), &name).await {
+                Ok(()) => last_status = tokio::time::Instant::now(),
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %e, "cannot report status; trying again")
+                }
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(settings.lease_renew) => {}
             () = &mut shutdown => return,

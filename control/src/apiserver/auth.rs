@@ -624,7 +624,8 @@ pub fn default_rbac() -> Vec<Value> {
             json!([
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete", "patch"]},
                 {"apiGroups": [""], "resources": ["pods/status", "nodes/status"], "verbs": ["patch", "update"]},
-                {"apiGroups": [""], "resources": ["nodes", "services", "namespaces"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": [""], "resources": ["services", "namespaces"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch", "patch", "update"]},
                 {"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "daemonsets"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
                 {"apiGroups": ["apps"], "resources": ["deployments/status", "replicasets/status", "daemonsets/status"], "verbs": ["patch", "update"]},
                 {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "patch", "update"]},

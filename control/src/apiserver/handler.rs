@@ -1150,6 +1150,9 @@ async fn create_object(
     if kind.group == "batch" && kind.resource == "jobs" {
         job_selector(&mut object);
     }
+    if kind.group.is_empty() && kind.resource == "pods" {
+        default_tolerations(&mut object, call.state.settings.default_toleration_seconds);
+    }
     // An applier owns what it sent, not what defaulting adds; a creator owns it all.
     let applied = (origin == Origin::Apply).then(|| managed::fields_of(&object));
     let (mut object, warnings) = admit(kind, object, validation)?;
@@ -1824,6 +1827,35 @@ async fn delete_collection(call: &Call<'_>, target: &Target) -> Result<Response<
         &json!({"kind": format!("{}List", target.kind.kind), "apiVersion": target.kind.api_version(), "metadata": {}, "items": deleted}),
         &[],
     ))
+}
+
+/// DefaultTolerationSeconds: a pod that does not say how long it stays on a not-ready
+/// or unreachable node stays `seconds`, then is evicted.
+fn default_tolerations(pod: &mut Value, seconds: i64) {
+    if !pod.get("spec").is_some_and(Value::is_object) {
+        return;
+    }
+    let mut tolerations: Vec<Value> = pod
+        .pointer("/spec/tolerations")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        let covered = tolerations.iter().any(|t| {
+            let effect = t.get("effect").and_then(Value::as_str).unwrap_or("");
+            let operator = t.get("operator").and_then(Value::as_str).unwrap_or("Equal");
+            let tkey = t.get("key").and_then(Value::as_str).unwrap_or("");
+            (effect.is_empty() || effect == "NoExecute")
+                && (tkey == key || (tkey.is_empty() && operator == "Exists"))
+        });
+        if !covered {
+            tolerations.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": seconds}));
+        }
+    }
+    pod["spec"]["tolerations"] = json!(tolerations);
 }
 
 /// A Job without `manualSelector` gets the selector and pod labels kube-apiserver gives

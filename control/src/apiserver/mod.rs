@@ -83,6 +83,9 @@ pub struct ApiServerSettings {
     pub certificate_sweep: Duration,
     /// How many days the certificates signed for nodes are valid (nodes renew before).
     pub node_certificate_days: i32,
+    /// The tolerationSeconds of the not-ready and unreachable NoExecute tolerations
+    /// every pod is given unless it has its own (DefaultTolerationSeconds admission).
+    pub default_toleration_seconds: i64,
     pub cache: CacheSettings,
 }
 
@@ -105,6 +108,7 @@ impl Default for ApiServerSettings {
             gc_interval: Duration::from_secs(10),
             certificate_sweep: Duration::from_secs(1),
             node_certificate_days: 365,
+            default_toleration_seconds: 300,
             cache: CacheSettings::default(),
         }
     }

@@ -8,12 +8,13 @@
 //! Owns: [`replicaset`] (pods for a ReplicaSet), [`deployment`] (ReplicaSets for a
 //! Deployment: rolling update, recreate, revision history), [`daemonset`] (a pod per
 //! eligible node), [`job`] (pods until completions succeed or the backoff limit is
-//! passed). Must not touch the store or
+//! passed), [`nodelifecycle`] (silent nodes Unknown and tainted, their pods evicted). Must not touch the store or
 //! nodes; garbage collection of what owners leave behind is the API server's (`gc`).
 
 pub mod daemonset;
 pub mod deployment;
 pub mod job;
+pub mod nodelifecycle;
 pub mod replicaset;
 
 use std::collections::BTreeMap;
@@ -39,6 +40,8 @@ pub struct ControllerSettings {
     pub burst: usize,
     /// How often a member that is not the leader looks whether it has become it.
     pub leader_poll: Duration,
+    /// When a silent node is unreachable, and how often nodes are looked at.
+    pub node_lifecycle: nodelifecycle::NodeLifecycleSettings,
 }
 
 impl Default for ControllerSettings {
@@ -49,6 +52,7 @@ impl Default for ControllerSettings {
             settle: Duration::from_secs(1),
             burst: 500,
             leader_poll: Duration::from_millis(250),
+            node_lifecycle: Default::default(),
         }
     }
 }
@@ -159,6 +163,7 @@ pub async fn run_while_leading(
                 replicaset::run(client.clone(), settings.clone()),
                 deployment::run(client.clone(), settings.clone()),
                 daemonset::run(client.clone(), settings.clone()),
+                nodelifecycle::run(client.clone(), settings.node_lifecycle.clone()),
                 job::run(client, settings),
             );
         }
