@@ -2346,5 +2346,36 @@ fn three_nodes_share_a_site_and_survive_losing_one() {
         "jsonpath={range .items[*]}{.reason} {end}",
     ]);
     assert!(evictions.contains("TaintManagerEviction"), "{evictions}");
+
+    // kubectl drain: edge-1 is cordoned and its pods evicted; they come back on edge-0.
+    let drained = admin.run(&[
+        "drain",
+        "edge-1",
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--timeout=90s",
+    ]);
+    assert!(
+        drained.status.success(),
+        "{}{}",
+        stdout(&drained),
+        stderr(&drained)
+    );
+    assert!(stdout(&drained).contains("drained"), "{}", stdout(&drained));
+    let nodes_table = admin.ok(&["get", "nodes"]);
+    assert!(
+        row(&nodes_table, "edge-1").get(1) == Some(&"Ready,SchedulingDisabled"),
+        "{nodes_table}"
+    );
+    wait_for("nine pods running on edge-0", || {
+        let counts = per_node(&admin);
+        (counts.get("edge-0") == Some(&9)).then_some(())
+    });
+    admin.ok(&["uncordon", "edge-1"]);
+    let nodes_table = admin.ok(&["get", "nodes"]);
+    assert!(
+        row(&nodes_table, "edge-1").get(1) == Some(&"Ready"),
+        "{nodes_table}"
+    );
     drop(nodes);
 }

@@ -565,6 +565,7 @@ pub fn default_rbac() -> Vec<Value> {
     ]);
     let edit_rules = json!([
         {"apiGroups": [""], "resources": ["pods", "services", "endpoints", "configmaps", "secrets", "events", "serviceaccounts"], "verbs": write},
+        {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
         {"apiGroups": ["apps"], "resources": ["deployments", "deployments/scale", "replicasets", "replicasets/scale", "daemonsets"], "verbs": write},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": write},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": write},

@@ -39,7 +39,7 @@ fn verbs(_kind: &Kind) -> Vec<&'static str> {
 
 fn sub_verbs(sub: &str) -> Vec<&'static str> {
     match sub {
-        "binding" => vec!["create"],
+        "binding" | "eviction" => vec!["create"],
         "log" => vec!["get"],
         "finalize" => vec!["update"],
         _ => vec!["get", "patch", "update"],
@@ -50,6 +50,7 @@ fn sub_kind<'a>(kind: &'a Kind, sub: &str) -> (&'a str, &'a str, &'a str) {
     // (group, version, kind) of what the subresource takes and returns.
     match sub {
         "binding" => ("", "v1", "Binding"),
+        "eviction" => ("policy", "v1", "Eviction"),
         "scale" => ("autoscaling", "v1", "Scale"),
         "log" => ("", "v1", "Pod"),
         _ => (kind.group, kind.version, kind.kind),

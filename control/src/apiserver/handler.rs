@@ -135,7 +135,7 @@ pub fn parse_query(query: Option<&str>) -> Result<HashMap<String, String>, ApiEr
 }
 
 /// What a path names.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Target {
     pub kind: &'static Kind,
     pub namespace: Option<String>,
@@ -638,6 +638,7 @@ pub async fn resource(call: Call<'_>, target: Target) -> Response<Body> {
         ("get", Some("log")) => pod_log(&call, &target).await,
         ("create", None) => create(&call, &target).await,
         ("create", Some("binding")) => bind(&call, &target).await,
+        ("create", Some("eviction")) => evict(&call, &target).await,
         ("update", None)
         | ("update", Some("status"))
         | ("update", Some("approval"))
@@ -1893,6 +1894,50 @@ fn job_selector(job: &mut Value) {
     ] {
         labels[key] = value.clone();
     }
+}
+
+/// `pods/eviction` (what `kubectl drain` posts): the pod is deleted with the Eviction's
+/// deleteOptions. Brink has no PodDisruptionBudgets, so no eviction is refused for one
+/// (said in the README); a pod that is gone is NotFound, as in Kubernetes.
+async fn evict(call: &Call<'_>, target: &Target) -> Result<Response<Body>, ApiError> {
+    let eviction = decode_body(&call.content_type, &call.body)?;
+    let name = target.name.clone().unwrap_or_default();
+    if let Some(named) = eviction.pointer("/metadata/name").and_then(Value::as_str)
+        && named != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "name in URL does not match name in Eviction object: {name} vs {named}"
+        )));
+    }
+    let options = eviction
+        .get("deleteOptions")
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    let inner = Call {
+        state: call.state,
+        user: call.user,
+        method: Method::DELETE,
+        query: call
+            .query
+            .iter()
+            .filter(|(k, _)| k.as_str() == "dryRun")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        accept: "application/json".into(),
+        content_type: "application/json".into(),
+        user_agent: call.user_agent.clone(),
+        body: Bytes::from(serde_json::to_vec(&options).unwrap_or_default()),
+    };
+    let plain = Target {
+        subresource: None,
+        ..target.clone()
+    };
+    delete(&inner, &plain).await?;
+    Ok(json_response(
+        201,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        &[],
+    ))
 }
 
 /// `pods/log`: from the node running the pod (see [`super::pod_log`]).

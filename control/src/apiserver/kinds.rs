@@ -95,7 +95,7 @@ macro_rules! kind {
 /// Every served resource, groups in the order discovery lists them.
 pub static KINDS: &[Kind] = &[
     kind!("", "v1", "namespaces", "namespace", "Namespace", false, short: ["ns"], cat: &[], sub: ["status", "finalize"], spec: false),
-    kind!("", "v1", "pods", "pod", "Pod", true, short: ["po"], cat: WORKLOADS, sub: ["status", "binding", "log"], spec: true),
+    kind!("", "v1", "pods", "pod", "Pod", true, short: ["po"], cat: WORKLOADS, sub: ["status", "binding", "eviction", "log"], spec: true),
     kind!("", "v1", "nodes", "node", "Node", false, short: ["no"], cat: &[], sub: ["status"], spec: true),
     kind!("", "v1", "services", "service", "Service", true, short: ["svc"], cat: WORKLOADS, sub: ["status"], spec: true),
     kind!("", "v1", "endpoints", "endpoints", "Endpoints", true, short: ["ep"], cat: &[], sub: [], spec: false),
