@@ -2286,6 +2286,33 @@ fn three_nodes_share_a_site_and_survive_losing_one() {
         [3, 3, 3],
         "{spread:?}"
     );
+    // The Service's EndpointSlice lists the nine pods at their nodes' addresses.
+    let slice = wait_for("the service's endpoint slice", || {
+        let out = admin.run(&[
+            "-n",
+            "spread",
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            "jsonpath={range .items[*].endpoints[*]}{.addresses[0]}={.conditions.ready} {end}",
+        ]);
+        let text = stdout(&out);
+        (text
+            .split_whitespace()
+            .filter(|e| e.ends_with("=true"))
+            .count()
+            == 9)
+            .then_some(text)
+    });
+    for i in 0..3 {
+        assert_eq!(
+            slice.matches(&format!("127.0.0.{}=true", i + 2)).count(),
+            3,
+            "{slice}"
+        );
+    }
     // Every node's Gateway serves, each with the pods on that node.
     for i in 0..3 {
         let addr: std::net::SocketAddr = format!("127.0.0.{}:{port}", i + 2).parse().expect("addr");

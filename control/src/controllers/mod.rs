@@ -8,11 +8,13 @@
 //! Owns: [`replicaset`] (pods for a ReplicaSet), [`deployment`] (ReplicaSets for a
 //! Deployment: rolling update, recreate, revision history), [`daemonset`] (a pod per
 //! eligible node), [`job`] (pods until completions succeed or the backoff limit is
-//! passed), [`nodelifecycle`] (silent nodes Unknown and tainted, their pods evicted). Must not touch the store or
+//! passed), [`nodelifecycle`] (silent nodes Unknown and tainted, their pods evicted),
+//! [`endpointslice`] (a Service's pods as an EndpointSlice). Must not touch the store or
 //! nodes; garbage collection of what owners leave behind is the API server's (`gc`).
 
 pub mod daemonset;
 pub mod deployment;
+pub mod endpointslice;
 pub mod job;
 pub mod nodelifecycle;
 pub mod replicaset;
@@ -164,6 +166,7 @@ pub async fn run_while_leading(
                 deployment::run(client.clone(), settings.clone()),
                 daemonset::run(client.clone(), settings.clone()),
                 nodelifecycle::run(client.clone(), settings.node_lifecycle.clone()),
+                endpointslice::run(client.clone(), settings.clone()),
                 job::run(client, settings),
             );
         }
