@@ -286,6 +286,11 @@ pub struct SiteFlags {
     /// The most pods the node runs (its capacity.pods).
     #[arg(long, default_value_t = 110)]
     max_pods: u32,
+    /// Taints the node registers with, `key[=value]:Effect,...` (joined to a cluster
+    /// that also runs containers: `runtime.brink.dev/wasm=true:NoSchedule`, so only pods
+    /// of the `brink` RuntimeClass land here).
+    #[arg(long, value_name = "TAINTS", value_parser = brink_node::registration::parse_taints)]
+    register_with_taints: Option<std::vec::Vec<k8s_openapi::api::core::v1::Taint>>,
     /// How often the node looks again whether it is the one that writes Gateway API
     /// status, and whether a write is due, when its data plane has nothing new.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
@@ -486,6 +491,7 @@ impl SiteFlags {
             kubelet_port: settings.kubelet_addr.port(),
             lease_renew: self.node_lease_renew,
             status_report: self.node_status_report,
+            taints: self.register_with_taints.clone().unwrap_or_default(),
         }
     }
 }
@@ -685,6 +691,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         kubelet_port: settings.kubelet_addr.port(),
         lease_renew: std::time::Duration::from_secs(10),
         status_report: std::time::Duration::from_secs(300),
+        taints: Vec::new(),
     };
     let result = run_on_site(
         settings,

@@ -1560,6 +1560,41 @@ fn scheduled_pods(admin: &Kubectl<'_>, hello: &str, job: &str) {
             && described.contains("Successfully assigned placed/anywhere to shop-7"),
         "{described}"
     );
+    // RuntimeClass: the site has `brink`; a pod naming it gets its scheduling rules and
+    // lands on a Brink node; one naming a class that does not exist is refused.
+    assert_eq!(
+        admin.ok(&["get", "runtimeclass", "brink", "-o", "jsonpath={.handler}"]),
+        "brink"
+    );
+    admin.run_with_stdin(
+        &["create", "-f", "-"],
+        Some(&pod("wasm", hello, "  runtimeClassName: brink\n")),
+    );
+    admin.ok(&[
+        "-n",
+        "placed",
+        "wait",
+        "--for=condition=Ready",
+        "pod/wasm",
+        "--timeout=60s",
+    ]);
+    assert_eq!(
+        field(
+            "wasm",
+            "{.spec.nodeSelector.runtime\\.brink\\.dev/wasm} {.spec.nodeName}"
+        ),
+        "true shop-7"
+    );
+    let refused = admin.run_with_stdin(
+        &["create", "-f", "-"],
+        Some(&pod("gvisor", hello, "  runtimeClassName: gvisor\n")),
+    );
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("pod rejected: RuntimeClass \"gvisor\" not found"),
+        "{}",
+        stderr(&refused)
+    );
     // No node has the label: the pod waits, and kubectl shows kube-scheduler's words.
     admin.run_with_stdin(
         &["create", "-f", "-"],

@@ -34,6 +34,8 @@ pub struct RegistrationSettings {
     pub lease_renew: Duration,
     /// How often status is written when nothing changed (`--node-status-report`).
     pub status_report: Duration,
+    /// Taints the Node is registered with (`--register-with-taints`).
+    pub taints: Vec<k8s_openapi::api::core::v1::Taint>,
 }
 
 /// What the node reports about itself.
@@ -72,6 +74,7 @@ pub fn node_object(s: &RegistrationSettings) -> Node {
         ("kubernetes.io/arch", arch.to_owned()),
         ("kubernetes.io/hostname", s.node_name.clone()),
         ("node.kubernetes.io/instance-type", "brink-wasm".to_owned()),
+        (brink_proto::WASM_NODE_LABEL, "true".to_owned()),
         ("beta.kubernetes.io/os", "linux".to_owned()),
         ("beta.kubernetes.io/arch", arch.to_owned()),
     ]
@@ -84,7 +87,10 @@ pub fn node_object(s: &RegistrationSettings) -> Node {
             labels: Some(labels),
             ..Default::default()
         },
-        spec: None,
+        spec: (!s.taints.is_empty()).then(|| k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(s.taints.clone()),
+            ..Default::default()
+        }),
         status: Some(NodeStatus {
             capacity: Some(resources.clone()),
             allocatable: Some(resources),
@@ -281,6 +287,7 @@ mod tests {
             kubelet_port: 10250,
             lease_renew: Duration::from_secs(10),
             status_report: Duration::from_secs(300),
+            taints: Vec::new(),
         });
         let labels = node.metadata.labels.clone().unwrap_or_default();
         assert_eq!(
@@ -301,5 +308,53 @@ mod tests {
             .expect("Ready");
         assert_eq!(ready.status, "True");
         assert_eq!(status.addresses.unwrap_or_default()[0].address, "10.0.0.7");
+    }
+}
+
+/// Reads `--register-with-taints`: `key[=value]:Effect`, comma-separated, as the kubelet
+/// flag takes them.
+pub fn parse_taints(text: &str) -> Result<Vec<k8s_openapi::api::core::v1::Taint>, String> {
+    let mut taints = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (key_value, effect) = item
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{item:?}: expected key[=value]:Effect"))?;
+        if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+            return Err(format!(
+                "{item:?}: the effect must be NoSchedule, PreferNoSchedule or NoExecute"
+            ));
+        }
+        let (key, value) = match key_value.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_owned())),
+            None => (key_value, None),
+        };
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(format!("{item:?}: a taint needs a key"));
+        }
+        taints.push(k8s_openapi::api::core::v1::Taint {
+            key: key.to_owned(),
+            value,
+            effect: effect.to_owned(),
+            time_added: None,
+        });
+    }
+    Ok(taints)
+}
+
+#[cfg(test)]
+mod taint_tests {
+    use super::*;
+
+    #[test]
+    fn taints_read_as_the_kubelet_flag_takes_them() {
+        let taints = parse_taints("runtime.brink.dev/wasm=true:NoSchedule, dedicated:NoExecute")
+            .expect("taints");
+        assert_eq!(taints.len(), 2);
+        assert_eq!(taints[0].value.as_deref(), Some("true"));
+        assert_eq!(taints[1].key, "dedicated");
+        assert!(parse_taints("x=y").is_err());
+        assert!(parse_taints("x=y:Sometimes").is_err());
+        assert!(parse_taints("=y:NoSchedule").is_err());
+        assert_eq!(parse_taints("").map(|t| t.len()), Ok(0));
     }
 }

@@ -21,3 +21,12 @@ pub mod volumes;
 
 pub use manifest::{ManifestError, Object, PodManifest, parse_manifests};
 pub use quantity::{QuantityError, parse_bytes, parse_cpu_millis};
+
+/// The RuntimeClass wasm pods name (`runtimeClassName: brink`), with handler `brink`,
+/// made at `brink server --init`.
+pub const RUNTIME_CLASS: &str = "brink";
+/// The label every Brink node carries, which the RuntimeClass selects; joined to a
+/// cluster that also runs containers, the nodes are tainted with it too
+/// (`--register-with-taints runtime.brink.dev/wasm=true:NoSchedule`), the convention
+/// SpinKube and runwasi use.
+pub const WASM_NODE_LABEL: &str = "runtime.brink.dev/wasm";

@@ -1152,6 +1152,7 @@ async fn create_object(
         job_selector(&mut object);
     }
     if kind.group.is_empty() && kind.resource == "pods" {
+        runtime_class(&call.state.cache, &mut object)?;
         default_tolerations(&mut object, call.state.settings.default_toleration_seconds);
     }
     // An applier owns what it sent, not what defaulting adds; a creator owns it all.
@@ -1828,6 +1829,67 @@ async fn delete_collection(call: &Call<'_>, target: &Target) -> Result<Response<
         &json!({"kind": format!("{}List", target.kind.kind), "apiVersion": target.kind.api_version(), "metadata": {}, "items": deleted}),
         &[],
     ))
+}
+
+/// RuntimeClass admission: a pod naming a RuntimeClass gets its scheduling rules (the
+/// nodeSelector merged, the tolerations added), as kube-apiserver's RuntimeClass plugin
+/// does; a class that does not exist, or a nodeSelector that contradicts it, refuses the
+/// pod with kube-apiserver's words.
+fn runtime_class(cache: &super::Cache, pod: &mut Value) -> Result<(), ApiError> {
+    let Some(class) = pod
+        .pointer("/spec/runtimeClassName")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return Ok(());
+    };
+    let Some(stored) = cache.get(&format!("/registry/node.k8s.io/runtimeclasses/{class}")) else {
+        return Err(ApiError::forbidden(format!(
+            "pod rejected: RuntimeClass {class:?} not found"
+        )));
+    };
+    if let Some(selector) = stored
+        .pointer("/scheduling/nodeSelector")
+        .and_then(Value::as_object)
+    {
+        if !pod
+            .pointer("/spec/nodeSelector")
+            .is_some_and(Value::is_object)
+        {
+            pod["spec"]["nodeSelector"] = json!({});
+        }
+        for (key, value) in selector {
+            match pod["spec"]["nodeSelector"].get(key) {
+                Some(existing) if existing != value => {
+                    return Err(ApiError::forbidden(format!(
+                        "pod rejected: conflict: runtimeClass.scheduling.nodeSelector[{key}] = {}; pod.spec.nodeSelector[{key}] = {}",
+                        value.as_str().unwrap_or_default(),
+                        existing.as_str().unwrap_or_default()
+                    )));
+                }
+                _ => pod["spec"]["nodeSelector"][key] = value.clone(),
+            }
+        }
+    }
+    let extra: Vec<Value> = stored
+        .pointer("/scheduling/tolerations")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if !extra.is_empty() {
+        let mut tolerations: Vec<Value> = pod
+            .pointer("/spec/tolerations")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for t in extra {
+            if !tolerations.contains(&t) {
+                tolerations.push(t);
+            }
+        }
+        pod["spec"]["tolerations"] = json!(tolerations);
+    }
+    Ok(())
 }
 
 /// DefaultTolerationSeconds: a pod that does not say how long it stays on a not-ready

@@ -275,6 +275,20 @@ fn bootstrap_objects(state: &ApiState) -> Vec<(String, Value)> {
                    "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}),
         ));
     }
+    // The RuntimeClass wasm pods name; its scheduling rules keep them on Brink nodes.
+    out.push((
+        format!(
+            "/registry/node.k8s.io/runtimeclasses/{}",
+            brink_proto::RUNTIME_CLASS
+        ),
+        json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+               "metadata": {"name": brink_proto::RUNTIME_CLASS, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now},
+               "handler": "brink",
+               "scheduling": {
+                   "nodeSelector": {brink_proto::WASM_NODE_LABEL: "true"},
+                   "tolerations": [{"key": brink_proto::WASM_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
+               }}),
+    ));
     for mut object in auth::default_rbac() {
         let kind = object["kind"].as_str().unwrap_or("").to_lowercase();
         let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
