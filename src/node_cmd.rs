@@ -272,8 +272,12 @@ pub struct SiteFlags {
     #[arg(long, value_name = "sha256:HEX")]
     discovery_token_ca_cert_hash: Option<String>,
     /// Use this kubeconfig's credential instead of joining with a token.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "in_cluster")]
     kubeconfig: Option<PathBuf>,
+    /// Use the pod's ServiceAccount (running as a virtual kubelet inside a cluster; see
+    /// deploy/).
+    #[arg(long, conflicts_with = "server")]
+    in_cluster: bool,
     /// How long to wait for the site to sign the node's certificate.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     join_timeout: std::time::Duration,
@@ -424,14 +428,29 @@ pub async fn node(args: NodeArgs) -> anyhow::Result<()> {
     }
     args.site.check()?;
     anyhow::ensure!(
-        args.manifests.is_some() || args.site.server.is_some() || args.site.kubeconfig.is_some(),
-        "say where pods come from: --manifests DIR, or a site (--server URL --token T --discovery-token-ca-cert-hash H, or --kubeconfig FILE)"
+        args.manifests.is_some()
+            || args.site.server.is_some()
+            || args.site.kubeconfig.is_some()
+            || args.site.in_cluster,
+        "say where pods come from: --manifests DIR, or a site (--server URL --token T --discovery-token-ca-cert-hash H, --kubeconfig FILE or --in-cluster)"
     );
+    // Read before anything is written: outside a pod it is a flag error.
+    let in_cluster = match args.site.in_cluster {
+        true => Some(
+            kube::Config::incluster()
+                .context("--in-cluster: not inside a pod with a ServiceAccount")?,
+        ),
+        false => None,
+    };
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("create {}", settings.data_dir.display()))?;
-    let site = match args.site.kubeconfig(&settings).await? {
-        Some(path) => Some(client_from(&path).await?),
-        None => None,
+    let site = if let Some(config) = in_cluster {
+        Some(kube::Client::try_from(config).context("a client for the cluster")?)
+    } else {
+        match args.site.kubeconfig(&settings).await? {
+            Some(path) => Some(client_from(&path).await?),
+            None => None,
+        }
     };
     let registration = args.site.registration(&settings);
     match (args.manifests, site) {

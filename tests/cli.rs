@@ -123,7 +123,7 @@ fn node_refuses_bad_flags_before_doing_anything() {
         "not a directory",
     );
     let pin = format!("sha256:{}", "a".repeat(64));
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 14] = [
         (
             &[
                 "--server",
@@ -160,6 +160,16 @@ fn node_refuses_bad_flags_before_doing_anything() {
             "--gateway-controller-name",
         ),
         (&["--gateway-address", "not-an-ip"], "gateway-address"),
+        (
+            &["--register-with-taints", "x=y"],
+            "expected key[=value]:Effect",
+        ),
+        (&["--gateway-status-recheck", "0s"], "must be positive"),
+        (&["--in-cluster"], "not inside a pod with a ServiceAccount"),
+        (
+            &["--in-cluster", "--kubeconfig", "/nonexistent"],
+            "cannot be used with",
+        ),
     ];
     for (flags, needle) in cases {
         let mut args = vec!["node", "--manifests", manifests, "--data-dir", data];
@@ -201,6 +211,11 @@ fn server_refuses_bad_flags_before_writing_anything() {
         ("--snapshot-entries", "0"),
         ("--raft-tick", "0s"),
         ("--compact-interval", "soon"),
+        ("--scheduler-retry", "0s"),
+        ("--scheduler-parallel-bindings", "0"),
+        ("--controller-resync", "0s"),
+        ("--node-grace-period", "0s"),
+        ("--default-toleration-seconds", "soon"),
     ] {
         fails_with(&["server", "--init", "--data-dir", data, flag, value], flag);
     }

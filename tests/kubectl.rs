@@ -2441,3 +2441,105 @@ fn three_nodes_share_a_site_and_survive_losing_one() {
     );
     drop(nodes);
 }
+
+/// The agent as a virtual kubelet under a ServiceAccount with exactly deploy/rbac.yaml:
+/// the site enforces that RBAC (no Node authorizer helps a ServiceAccount), so a verb
+/// the agent uses and the file lacks fails here.
+#[test]
+fn the_agent_runs_with_exactly_the_deploy_rbac() {
+    let auth = tempfile::tempdir().expect("tempdir");
+    let tokens = auth.path().join("tokens.csv");
+    std::fs::write(
+        &tokens,
+        "vk-token-0123456789,system:serviceaccount:brink-system:brink-node,sa-uid,\"system:serviceaccounts,system:serviceaccounts:brink-system\"\n",
+    )
+    .expect("token file");
+    let site = Site::init(&["--token-auth-file", tokens.to_str().expect("utf-8")]);
+    let bin = &kubectl_builds()[0];
+    let admin = Kubectl {
+        bin,
+        config: site.kubeconfig(),
+    };
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for file in ["rbac.yaml", "classes.yaml"] {
+        admin.ok(&["apply", "-f", deploy.join(file).to_str().expect("utf-8")]);
+    }
+    // A kubeconfig with the ServiceAccount's token and the site's CA.
+    let admin_config = std::fs::read_to_string(site.kubeconfig()).expect("admin kubeconfig");
+    let ca = admin_config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
+        .expect("CA data");
+    let config = auth.path().join("vk.kubeconfig");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: site\n  cluster:\n    server: https://{}\n    certificate-authority-data: {ca}\nusers:\n- name: sa\n  user:\n    token: vk-token-0123456789\ncontexts:\n- name: sa\n  context:\n    cluster: site\n    user: sa\ncurrent-context: sa\n",
+            site.api
+        ),
+    )
+    .expect("kubeconfig");
+    let node_dir = auth.path().join("vk-1");
+    let _node = start_node(
+        &node_dir,
+        "vk-1",
+        &[
+            "--kubeconfig",
+            config.to_str().expect("utf-8"),
+            "--host-port-address",
+            "127.0.0.1",
+        ],
+    );
+    wait_for("the virtual kubelet to be Ready", || {
+        let table = admin.ok(&["get", "nodes"]);
+        (row(&table, "vk-1").get(1) == Some(&"Ready")).then_some(())
+    });
+    let images = tempfile::tempdir().expect("tempdir");
+    let hello = layout_image(images.path(), "hello");
+    let host_port = free_port();
+    let gateway_port = free_port();
+    let objects = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: default\ndata:\n  greeting: hi\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: vk-hello\n  namespace: default\n  labels:\n    app: vk\nspec:\n  runtimeClassName: brink\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: hello\n    image: {hello}\n    ports:\n    - containerPort: 8080\n      hostPort: {host_port}\n    volumeMounts:\n    - name: settings\n      mountPath: /settings\n  volumes:\n  - name: settings\n    configMap:\n      name: settings\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: vk\n  namespace: default\nspec:\n  selector:\n    app: vk\n  ports:\n  - port: 80\n    targetPort: 8080\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: vk\n  namespace: default\nspec:\n  gatewayClassName: brink\n  listeners:\n  - name: http\n    port: {gateway_port}\n    protocol: HTTP\n\
+         ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: vk\n  namespace: default\nspec:\n  parentRefs:\n  - name: vk\n  rules:\n  - backendRefs:\n    - name: vk\n      port: 80\n"
+    );
+    let applied = admin.run_with_stdin(&["apply", "-f", "-"], Some(&objects));
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    admin.ok(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/vk-hello",
+        "--timeout=60s",
+    ]);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{gateway_port}").parse().expect("addr");
+    wait_for("the gateway to serve", || {
+        http_get(addr, "/").ok().filter(|r| r.status == 200)
+    });
+    wait_for("the gateway's status", || {
+        let programmed = admin.ok(&[
+            "get",
+            "gateway",
+            "vk",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Programmed\")].status}",
+        ]);
+        (programmed == "True").then_some(())
+    });
+    admin.ok(&["delete", "pod", "vk-hello", "--wait=false"]);
+    admin.ok(&["wait", "--for=delete", "pod/vk-hello", "--timeout=30s"]);
+    // The ServiceAccount can do what the agent does and not more.
+    let as_agent = Kubectl { bin, config };
+    for args in [
+        vec!["create", "deployment", "x", "--image=y"],
+        vec!["delete", "node", "vk-1"],
+        vec!["-n", "default", "create", "configmap", "x"],
+    ] {
+        let err = as_agent.fails(&args);
+        assert!(
+            err.contains("forbidden") || err.contains("Forbidden"),
+            "{args:?}: {err}"
+        );
+    }
+}
