@@ -107,6 +107,9 @@ pub struct ServerArgs {
     /// Pod bindings the scheduler has in flight at once.
     #[arg(long, default_value_t = 16)]
     scheduler_parallel_bindings: usize,
+    /// Run no scheduler on this member (another one places pods: `brink scheduler`).
+    #[arg(long)]
+    disable_scheduler: bool,
     /// How long a node may go without renewing its Lease before it is marked
     /// Ready=Unknown and tainted unreachable.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "40s")]
@@ -333,6 +336,7 @@ pub async fn start(args: ServerArgs) -> anyhow::Result<Member> {
     )
     .await?;
     let replica = running.replica.clone();
+    let disabled = args.disable_scheduler;
     let scheduler = tokio::spawn(brink_control::scheduler::run_while_leading(
         scheduler_client,
         brink_control::scheduler::SchedulerSettings {
@@ -340,7 +344,7 @@ pub async fn start(args: ServerArgs) -> anyhow::Result<Member> {
             parallel_bindings: args.scheduler_parallel_bindings,
             ..Default::default()
         },
-        move || replica.is_leader(),
+        move || !disabled && replica.is_leader(),
     ));
     let controllers_client = in_process_client(
         &running.pki,

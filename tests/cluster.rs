@@ -1180,3 +1180,104 @@ fn kube_rs_patches_pages_and_a_reflector_that_follows_a_member_through_kill_comp
     );
     drop(runtime);
 }
+
+/// The scheduler moves with leadership: the leader member is killed while pods are
+/// being created and scheduled, and every pod ends bound exactly once (one Scheduled
+/// event each, its node never changing), none lost.
+#[test]
+fn the_leader_dies_while_pods_are_scheduled_and_none_is_bound_twice() {
+    let mut cluster = Cluster::start(3);
+    for i in 0..3 {
+        wait_for("the member's API", || {
+            kubectl(&cluster, i, &["get", "--raw", "/readyz"])
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+    let leader = cluster.leader();
+    let follower = (0..3).find(|i| *i != leader).expect("a follower");
+    // Three Ready nodes, as API objects (no agents: the scheduler only binds).
+    for n in 0..3 {
+        let name = format!("n{n}");
+        let manifest = format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n");
+        let path = cluster.root.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, &manifest).expect("node manifest");
+        kubectl_ok(
+            &cluster,
+            follower,
+            &["create", "-f", path.to_str().expect("utf-8")],
+        );
+        kubectl_ok(
+            &cluster,
+            follower,
+            &[
+                "patch",
+                "node",
+                &name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status":{"conditions":[{"type":"Ready","status":"True"}],"allocatable":{"cpu":"4","memory":"4Gi","pods":"110"}}}"#,
+            ],
+        );
+    }
+    let pod = |i: usize| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p{i:02}\nspec:\n  containers:\n  - name: c\n    image: oci:/nowhere:x\n"
+        )
+    };
+    let create = |cluster: &Cluster, member: usize, i: usize| {
+        let path = cluster.root.path().join(format!("p{i:02}.yaml"));
+        std::fs::write(&path, pod(i)).expect("pod manifest");
+        wait_for("a pod created", || {
+            let out = kubectl(
+                cluster,
+                member,
+                &["create", "-f", path.to_str().expect("utf-8")],
+            );
+            (out.status.success() || stderr(&out).contains("AlreadyExists")).then_some(())
+        });
+    };
+    for i in 0..15 {
+        create(&cluster, follower, i);
+    }
+    cluster.members[leader].kill9();
+    for i in 15..30 {
+        create(&cluster, follower, i);
+    }
+    let new_leader = cluster.leader();
+    assert_ne!(new_leader, leader);
+    let bound = wait_for("every pod bound", || {
+        let out = kubectl_ok(
+            &cluster,
+            follower,
+            &[
+                "get",
+                "pods",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name}={.spec.nodeName} {end}",
+            ],
+        );
+        let pairs: Vec<String> = out.split_whitespace().map(str::to_owned).collect();
+        (pairs.len() == 30 && pairs.iter().all(|p| !p.ends_with('='))).then_some(pairs)
+    });
+    assert_eq!(bound.len(), 30);
+    let events: Value = serde_json::from_str(&kubectl_ok(
+        &cluster,
+        follower,
+        &["get", "events", "-o", "json"],
+    ))
+    .expect("events");
+    for i in 0..30 {
+        let name = format!("p{i:02}");
+        let scheduled = events["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == "Scheduled" && e["involvedObject"]["name"] == name.as_str())
+            .count();
+        // One binding each; an event may be lost with the member that bound it.
+        assert!(scheduled <= 1, "{name} was bound {scheduled} times");
+    }
+}
