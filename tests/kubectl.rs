@@ -1268,6 +1268,41 @@ fn start_node(dir: &Path, name: &str, extra: &[&str]) -> NodeProcess {
     NodeProcess(child)
 }
 
+/// A bootstrap token from `brink server token create` and the CA pin it prints, once
+/// the leader has signed cluster-info for it (within a sweep).
+fn join_token(site: &Site, admin: &Kubectl<'_>) -> (String, String) {
+    let created = brink(&[
+        "server",
+        "token",
+        "create",
+        "--data-dir",
+        site.dir.to_str().expect("utf-8"),
+        "--print-join-command",
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let printed = stdout(&created);
+    let token = printed.lines().next().unwrap_or_default().to_owned();
+    let pin = printed
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    wait_for("cluster-info to be signed for the token", || {
+        let info = admin.ok(&[
+            "-n",
+            "kube-public",
+            "get",
+            "cm",
+            "cluster-info",
+            "-o",
+            "jsonpath={.data}",
+        ]);
+        info.contains(&format!("jws-kubeconfig-{}", &token[..6]))
+            .then_some(())
+    });
+    (token, pin)
+}
+
 /// A node that should refuse to join: its error.
 fn refused_join(dir: &Path, extra: &[&str]) -> String {
     let out = Command::new(brink_bin())
@@ -1293,38 +1328,9 @@ fn a_node_joins_with_a_token_and_heartbeats() {
         bin,
         config: site.kubeconfig(),
     };
-    let created = brink(&[
-        "server",
-        "token",
-        "create",
-        "--data-dir",
-        site.dir.to_str().expect("utf-8"),
-        "--print-join-command",
-    ]);
-    assert!(created.status.success(), "{}", stderr(&created));
-    let printed = stdout(&created);
-    let token = printed.lines().next().unwrap_or_default().to_owned();
-    let pin = printed
-        .split_whitespace()
-        .last()
-        .unwrap_or_default()
-        .to_owned();
+    let (token, pin) = join_token(&site, &admin);
     let server = format!("https://{}", site.api);
     let tmp = tempfile::tempdir().expect("tempdir");
-    // cluster-info is signed for the new token by the leader within a sweep.
-    wait_for("cluster-info to be signed for the token", || {
-        let info = admin.ok(&[
-            "-n",
-            "kube-public",
-            "get",
-            "cm",
-            "cluster-info",
-            "-o",
-            "jsonpath={.data}",
-        ]);
-        info.contains(&format!("jws-kubeconfig-{}", &token[..6]))
-            .then_some(())
-    });
 
     // Refused: another token, the right ID with a wrong secret, a wrong pin, an expired
     // token, no way to find pods at all.
@@ -2202,36 +2208,8 @@ fn three_nodes_share_a_site_and_survive_losing_one() {
         bin,
         config: site.kubeconfig(),
     };
-    let created = brink(&[
-        "server",
-        "token",
-        "create",
-        "--data-dir",
-        site.dir.to_str().expect("utf-8"),
-        "--print-join-command",
-    ]);
-    assert!(created.status.success(), "{}", stderr(&created));
-    let printed = stdout(&created);
-    let token = printed.lines().next().unwrap_or_default().to_owned();
-    let pin = printed
-        .split_whitespace()
-        .last()
-        .unwrap_or_default()
-        .to_owned();
+    let (token, pin) = join_token(&site, &admin);
     let server = format!("https://{}", site.api);
-    wait_for("cluster-info to be signed for the token", || {
-        let info = admin.ok(&[
-            "-n",
-            "kube-public",
-            "get",
-            "cm",
-            "cluster-info",
-            "-o",
-            "jsonpath={.data}",
-        ]);
-        info.contains(&format!("jws-kubeconfig-{}", &token[..6]))
-            .then_some(())
-    });
     let tmp = tempfile::tempdir().expect("tempdir");
     let images = tempfile::tempdir().expect("tempdir");
     let hello = layout_image(images.path(), "hello");

@@ -17,10 +17,9 @@ use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::json;
 
@@ -45,28 +44,8 @@ pub async fn run(client: kube::Client, settings: ControllerSettings) {
     let Some((pods, pod_follower)) = super::pod_store(&client).await else {
         return;
     };
-    let (nodes, writer) = reflector::store();
-    let (node_changes, node_events) = futures::channel::mpsc::channel::<()>(1);
-    let node_follower = tokio::spawn({
-        let api = Api::<Node>::all(client.clone());
-        let mut node_changes = node_changes;
-        async move {
-            let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
-                .default_backoff();
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                match event {
-                    // A full channel already holds a "look again".
-                    Ok(_) => {
-                        let _ = node_changes.try_send(());
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "daemonset controller: node watch failed; retrying")
-                    }
-                }
-            }
-        }
-    });
+    let (nudge, node_events) = super::nudges();
+    let (nodes, node_follower) = super::follow(Api::<Node>::all(client.clone()), nudge);
     if nodes.wait_until_ready().await.is_err() {
         return;
     }
@@ -361,16 +340,7 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Reco
     });
     if stored.as_ref() != Some(&status) {
         let sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &namespace);
-        let params = PatchParams {
-            field_manager: Some(COMPONENT.into()),
-            ..Default::default()
-        };
-        sets.patch_status(
-            &ds.name_any(),
-            &params,
-            &Patch::Merge(json!({"metadata": {"uid": uid}, "status": status})),
-        )
-        .await?;
+        super::write_status(&sets, &ds.name_any(), &uid, COMPONENT, status).await?;
     }
     let settled = available == wanted.len() && updated == wanted.len() && misscheduled == 0;
     Ok(Action::requeue(if settled {

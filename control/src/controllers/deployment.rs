@@ -20,8 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 
@@ -39,20 +38,7 @@ struct Context {
 
 /// Runs the Deployment controller until its watches end.
 pub async fn run(client: kube::Client, settings: ControllerSettings) {
-    let (sets, writer) = reflector::store();
-    let follower = tokio::spawn({
-        let api = Api::<ReplicaSet>::all(client.clone());
-        async move {
-            let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
-                .default_backoff();
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "deployment controller: replicaset watch failed; retrying");
-                }
-            }
-        }
-    });
+    let (sets, follower) = super::follow(Api::<ReplicaSet>::all(client.clone()), || {});
     if sets.wait_until_ready().await.is_err() {
         return;
     }
@@ -551,17 +537,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action, Reco
         let mut status = status;
         status["conditions"] = json!([available_condition, progressing]);
         let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-        let params = PatchParams {
-            field_manager: Some(COMPONENT.into()),
-            ..Default::default()
-        };
-        deployments
-            .patch_status(
-                &d.name_any(),
-                &params,
-                &Patch::Merge(json!({"metadata": {"uid": uid}, "status": status})),
-            )
-            .await?;
+        super::write_status(&deployments, &d.name_any(), &uid, COMPONENT, status).await?;
     }
     // The deployment carries its newest revision, as Kubernetes' does.
     let newest = revision(&new).max(max_revision).to_string();

@@ -16,8 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 
@@ -36,27 +35,8 @@ struct Context {
 /// Runs the EndpointSlice controller until its watches end. Every Service is looked at
 /// again when a pod changes.
 pub async fn run(client: kube::Client, settings: ControllerSettings) {
-    let (pods, writer) = reflector::store();
-    let (changes, pod_events) = futures::channel::mpsc::channel::<()>(1);
-    let follower = tokio::spawn({
-        let api = Api::<Pod>::all(client.clone());
-        let mut changes = changes;
-        async move {
-            let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
-                .default_backoff();
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(_) => {
-                        let _ = changes.try_send(());
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "endpointslice controller: pod watch failed; retrying")
-                    }
-                }
-            }
-        }
-    });
+    let (nudge, pod_events) = super::nudges();
+    let (pods, follower) = super::follow(Api::<Pod>::all(client.clone()), nudge);
     if pods.wait_until_ready().await.is_err() {
         return;
     }

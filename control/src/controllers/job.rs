@@ -16,7 +16,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
@@ -313,16 +313,7 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Reconcile
     });
     if current.as_ref() != Some(&status) {
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-        let params = PatchParams {
-            field_manager: Some(COMPONENT.into()),
-            ..Default::default()
-        };
-        jobs.patch_status(
-            &job.name_any(),
-            &params,
-            &Patch::Merge(json!({"metadata": {"uid": uid}, "status": status})),
-        )
-        .await?;
+        super::write_status(&jobs, &job.name_any(), &uid, COMPONENT, status).await?;
     }
     Ok(Action::requeue(ctx.settings.settle))
 }

@@ -110,18 +110,31 @@ impl Expectations {
     }
 }
 
-/// Follows every Pod into a store (for controllers that own pods).
-pub async fn pod_store(
-    client: &kube::Client,
-) -> Option<(
-    kube::runtime::reflector::Store<Pod>,
+/// Follows every object `api` lists into a reflector store, calling `changed` after
+/// each event (kube-runtime's watcher relists and backs off on its own); the task ends
+/// when aborted.
+pub fn follow<K>(
+    api: Api<K>,
+    changed: impl Fn() + Send + 'static,
+) -> (
+    kube::runtime::reflector::Store<K>,
     tokio::task::JoinHandle<()>,
-)> {
+)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+{
     use futures::StreamExt as _;
     use kube::runtime::WatchStreamExt as _;
-    let (pods, writer) = kube::runtime::reflector::store();
-    let api = Api::<Pod>::all(client.clone());
+    let (store, writer) = kube::runtime::reflector::store();
     let task = tokio::spawn(async move {
+        let kind = K::kind(&K::DynamicType::default()).into_owned();
         let stream = kube::runtime::reflector::reflector(
             writer,
             kube::runtime::watcher::watcher(api, Default::default()),
@@ -129,11 +142,35 @@ pub async fn pod_store(
         .default_backoff();
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "controllers: pod watch failed; retrying");
+            match event {
+                Ok(_) => changed(),
+                Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
             }
         }
     });
+    (store, task)
+}
+
+/// A "look again" for a Controller's `reconcile_all_on`: a full channel already holds one.
+pub fn nudges() -> (
+    impl Fn() + Send + 'static,
+    futures::channel::mpsc::Receiver<()>,
+) {
+    let (sender, receiver) = futures::channel::mpsc::channel::<()>(1);
+    let nudge = move || {
+        let _ = sender.clone().try_send(());
+    };
+    (nudge, receiver)
+}
+
+/// Follows every Pod into a store (for controllers that own pods), once it has listed.
+pub async fn pod_store(
+    client: &kube::Client,
+) -> Option<(
+    kube::runtime::reflector::Store<Pod>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let (pods, task) = follow(Api::<Pod>::all(client.clone()), || {});
     match pods.wait_until_ready().await {
         Ok(()) => Some((pods, task)),
         Err(_) => {
@@ -141,6 +178,28 @@ pub async fn pod_store(
             None
         }
     }
+}
+
+/// Writes `status` to an object's status subresource (merge patch, with its uid as
+/// precondition), as `component`.
+pub async fn write_status<K>(
+    api: &Api<K>,
+    name: &str,
+    uid: &str,
+    component: &str,
+    status: serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let params = kube::api::PatchParams {
+        field_manager: Some(component.into()),
+        ..Default::default()
+    };
+    let patch = serde_json::json!({"metadata": {"uid": uid}, "status": status});
+    api.patch_status(name, &params, &kube::api::Patch::Merge(patch))
+        .await
+        .map(|_| ())
 }
 
 /// Why a reconcile failed (it is retried with back-off).

@@ -13,14 +13,12 @@
 
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::json;
 
@@ -175,40 +173,15 @@ pub fn eviction_due(pod: &Pod, taints: &[Taint]) -> Option<Timestamp> {
     due
 }
 
-fn follow<K>(api: Api<K>, tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
-{
-    let (store, writer) = reflector::store();
-    tasks.push(tokio::spawn(async move {
-        let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
-            .default_backoff();
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::warn!(error = %e, "node controller: watch failed; retrying");
-            }
-        }
-    }));
-    store
-}
-
 /// Runs the node lifecycle controller until it is dropped.
 pub async fn run(client: kube::Client, settings: NodeLifecycleSettings) {
-    let mut tasks = Vec::new();
-    let nodes = follow(Api::<Node>::all(client.clone()), &mut tasks);
-    let leases = follow(
+    let (nodes, a) = super::follow(Api::<Node>::all(client.clone()), || {});
+    let (leases, b) = super::follow(
         Api::<Lease>::namespaced(client.clone(), "kube-node-lease"),
-        &mut tasks,
+        || {},
     );
-    let pods = follow(Api::<Pod>::all(client.clone()), &mut tasks);
+    let (pods, c) = super::follow(Api::<Pod>::all(client.clone()), || {});
+    let tasks = [a, b, c];
     let ready = futures::future::join3(
         nodes.wait_until_ready(),
         leases.wait_until_ready(),

@@ -12,7 +12,7 @@ use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
@@ -259,16 +259,7 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Rec
     });
     if current.as_ref() != Some(&status) {
         let sets: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &namespace);
-        let params = PatchParams {
-            field_manager: Some(COMPONENT.into()),
-            ..Default::default()
-        };
-        sets.patch_status(
-            &rs.name_any(),
-            &params,
-            &Patch::Merge(json!({"metadata": {"uid": uid}, "status": status})),
-        )
-        .await?;
+        super::write_status(&sets, &rs.name_any(), &uid, COMPONENT, status).await?;
     }
     // Until every wanted pod is there and available (pods that are ready become
     // available after minReadySeconds), look again soon.

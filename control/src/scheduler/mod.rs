@@ -16,12 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher;
-use kube::runtime::{WatchStreamExt as _, reflector::store::Writer};
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -63,29 +60,6 @@ pub async fn run_while_leading(
         run(client.clone(), settings.clone())
     })
     .await
-}
-
-/// Follows one kind into a store, waking `wake` on every change.
-async fn follow<K>(api: Api<K>, writer: Writer<K>, wake: Arc<Notify>)
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
-{
-    let stream = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
-        .default_backoff();
-    futures::pin_mut!(stream);
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(_) => wake.notify_one(),
-            Err(e) => tracing::warn!(error = %e, "scheduler watch failed; retrying"),
-        }
-    }
 }
 
 /// Whether the scheduler should place this pod.
@@ -186,52 +160,17 @@ fn now_time() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-/// A core/v1 Event about `pod` from the scheduler (kubectl describe reads these).
-fn event(pod: &Pod, kind: &str, reason: &str, message: &str) -> Event {
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let name = pod.metadata.name.clone().unwrap_or_default();
-    Event {
-        metadata: ObjectMeta {
-            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
-            namespace: pod.metadata.namespace.clone(),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(name),
-            namespace: pod.metadata.namespace.clone(),
-            uid: pod.metadata.uid.clone(),
-            resource_version: pod.metadata.resource_version.clone(),
-            ..Default::default()
-        },
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-        type_: Some(kind.into()),
-        source: Some(EventSource {
-            component: Some(SCHEDULER_NAME.into()),
-            host: None,
-        }),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        count: Some(1),
-        reporting_component: Some(SCHEDULER_NAME.into()),
-        reporting_instance: Some(SCHEDULER_NAME.into()),
-        action: Some("Scheduling".into()),
-        ..Default::default()
-    }
-}
-
 async fn record(client: &kube::Client, pod: &Pod, kind: &str, reason: &str, message: &str) {
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
-    if let Err(e) = events
-        .create(&PostParams::default(), &event(pod, kind, reason, message))
-        .await
-    {
-        tracing::debug!(error = %e, "scheduler event not written");
-    }
+    use kube::Resource as _;
+    crate::controllers::record(
+        client,
+        SCHEDULER_NAME,
+        &pod.object_ref(&()),
+        kind,
+        reason,
+        message,
+    )
+    .await;
 }
 
 /// Binds `pod` to `node`: Ok(true) when bound, Ok(false) when someone else bound it (or
@@ -286,20 +225,16 @@ async fn mark_unschedulable(client: &kube::Client, pod: &Pod, message: &str) {
 /// Runs the scheduler until the watches end (never, unless the client is dropped).
 pub async fn run(client: kube::Client, settings: SchedulerSettings) {
     let wake = Arc::new(Notify::new());
-    let (nodes, node_writer): (Store<Node>, _) = reflector::store();
-    let (pods, pod_writer): (Store<Pod>, _) = reflector::store();
-    let followers = [
-        tokio::spawn(follow(
-            Api::<Node>::all(client.clone()),
-            node_writer,
-            wake.clone(),
-        )),
-        tokio::spawn(follow(
-            Api::<Pod>::all(client.clone()),
-            pod_writer,
-            wake.clone(),
-        )),
-    ];
+    let node_wake = wake.clone();
+    let pod_wake = wake.clone();
+    let (nodes, node_task) =
+        crate::controllers::follow(Api::<Node>::all(client.clone()), move || {
+            node_wake.notify_one()
+        });
+    let (pods, pod_task) = crate::controllers::follow(Api::<Pod>::all(client.clone()), move || {
+        pod_wake.notify_one()
+    });
+    let followers = [node_task, pod_task];
     struct AbortOnDrop<const N: usize>([tokio::task::JoinHandle<()>; N]);
     impl<const N: usize> Drop for AbortOnDrop<N> {
         fn drop(&mut self) {

@@ -12,16 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::api::{Api, Patch, PatchParams};
-use ::kube::runtime::WatchStreamExt as _;
-use ::kube::runtime::reflector::{self, Store};
-use ::kube::runtime::watcher;
-use futures::StreamExt as _;
+use ::kube::runtime::reflector::Store;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Node;
 use serde_json::{Value, json};
 
+use super::kube::follow;
 use crate::gateway::DataPlane;
 
 /// How the writer behaves.
@@ -31,32 +29,6 @@ pub struct GatewayStatusSettings {
     /// How often the writer looks again when no new view came (the writer may have
     /// changed, or a write failed).
     pub recheck: Duration,
-}
-
-fn follow<K>(client: &::kube::Client, tasks: &mut Vec<tokio::task::JoinHandle<()>>) -> Store<K>
-where
-    K: ::kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
-{
-    let (store, writer) = reflector::store();
-    let api: Api<K> = Api::all(client.clone());
-    tasks.push(tokio::spawn(async move {
-        let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
-            .default_backoff();
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::debug!(error = %e, "gateway status writer: watch failed; retrying");
-            }
-        }
-    }));
-    store
 }
 
 /// Whether `name` is the node that writes status: the Ready node with the lowest name.
@@ -105,10 +77,10 @@ pub async fn run(
     settings: GatewayStatusSettings,
 ) {
     let mut tasks = Vec::new();
-    let nodes: Store<Node> = follow(&client, &mut tasks);
-    let classes: Store<GatewayClass> = follow(&client, &mut tasks);
-    let gateways: Store<Gateway> = follow(&client, &mut tasks);
-    let routes: Store<HttpRoute> = follow(&client, &mut tasks);
+    let nodes: Store<Node> = follow(&client, || {}, &mut tasks);
+    let classes: Store<GatewayClass> = follow(&client, || {}, &mut tasks);
+    let gateways: Store<Gateway> = follow(&client, || {}, &mut tasks);
+    let routes: Store<HttpRoute> = follow(&client, || {}, &mut tasks);
     let mut updates = data_plane.view_updates();
     loop {
         tokio::select! {

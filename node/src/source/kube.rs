@@ -273,10 +273,11 @@ struct GatewayStores {
     namespaces: Store<Namespace>,
 }
 
-/// Follows every object of one kind into a store, waking the source on each change.
-fn follow<K>(
+/// Follows every object of one kind into a store, calling `changed` after each event
+/// (the watcher relists and backs off on its own); the task goes into `tasks`.
+pub(crate) fn follow<K>(
     client: &::kube::Client,
-    shared: &Arc<Shared>,
+    changed: impl Fn() + Send + 'static,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> Store<K>
 where
@@ -291,7 +292,6 @@ where
 {
     let (store, writer) = reflector::store();
     let api: Api<K> = Api::all(client.clone());
-    let shared = shared.clone();
     tasks.push(tokio::spawn(async move {
         let kind = K::kind(&K::DynamicType::default()).into_owned();
         let stream = reflector::reflector(writer, watcher::watcher(api, Default::default()))
@@ -299,7 +299,7 @@ where
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => shared.touch(),
+                Ok(_) => changed(),
                 Err(e) => {
                     tracing::warn!(%kind, error = %e, "watching the site's objects; retrying")
                 }
@@ -315,13 +315,17 @@ impl GatewayStores {
         shared: &Arc<Shared>,
         tasks: &mut Vec<JoinHandle<()>>,
     ) -> Self {
+        let touch = || {
+            let shared = shared.clone();
+            move || shared.touch()
+        };
         Self {
-            classes: follow(client, shared, tasks),
-            gateways: follow(client, shared, tasks),
-            routes: follow(client, shared, tasks),
-            grants: follow(client, shared, tasks),
-            services: follow(client, shared, tasks),
-            namespaces: follow(client, shared, tasks),
+            classes: follow(client, touch(), tasks),
+            gateways: follow(client, touch(), tasks),
+            routes: follow(client, touch(), tasks),
+            grants: follow(client, touch(), tasks),
+            services: follow(client, touch(), tasks),
+            namespaces: follow(client, touch(), tasks),
         }
     }
 
