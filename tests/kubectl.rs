@@ -2081,6 +2081,12 @@ fn pods_on_a_joined_node(
     assert_eq!(hello_row[1..3], ["1/1", "Running"], "{wide}");
     assert!(hello_row.contains(&"shop-7"), "{wide}");
     assert_eq!(field("hello", "{.status.hostIP}"), "127.0.0.1");
+    // The node says what a kubelet says, and kubectl describe shows it.
+    let described = wait_for("the kubelet's Started event", || {
+        let d = admin.ok(&["-n", "shop", "describe", "pod", "hello"]);
+        d.contains("Started container hello").then_some(d)
+    });
+    assert!(described.contains("kubelet"), "{described}");
     let uid = field("hello", "{.metadata.uid}");
 
     // A pod no Brink node can run is refused by the API itself, saying which field; a
@@ -2504,6 +2510,15 @@ fn the_agent_runs_with_exactly_the_deploy_rbac() {
             "jsonpath={.status.conditions[?(@.type==\"Programmed\")].status}",
         ]);
         (programmed == "True").then_some(())
+    });
+    wait_for("the agent's Started event", || {
+        let events = admin.ok(&[
+            "get",
+            "events",
+            "-o",
+            "jsonpath={range .items[*]}{.reason}/{.involvedObject.name} {end}",
+        ]);
+        events.contains("Started/vk-hello").then_some(())
     });
     admin.ok(&["delete", "pod", "vk-hello", "--wait=false"]);
     admin.ok(&["wait", "--for=delete", "pod/vk-hello", "--timeout=30s"]);

@@ -144,6 +144,10 @@ struct State {
     written: HashMap<String, (String, PodStatus)>,
     /// Stopped pods whose deletion the node may have to finish.
     finish: BTreeSet<Finish>,
+    /// The status each pod last reported, by key: the kubelet Events are its changes.
+    reported: HashMap<String, (String, PodStatus)>,
+    /// Events waiting to be written: pod key, uid, type, reason, message.
+    events: Vec<(String, String, super::pod_events::PodEvent)>,
     /// The agent is shutting down: what its pods do now is not news for the site (their
     /// status stays as it was; the next start takes them up).
     closing: bool,
@@ -578,15 +582,27 @@ impl StatusSink for SiteStatus {
             if s.closing {
                 return false;
             }
+            let before = s
+                .reported
+                .get(key)
+                .filter(|(u, _)| u == uid)
+                .map(|(_, st)| st);
+            let said = super::pod_events::transitions(key, before, status);
+            let news = !said.is_empty();
+            for event in said {
+                s.events.push((key.to_owned(), uid.to_owned(), event));
+            }
+            s.reported
+                .insert(key.to_owned(), (uid.to_owned(), status.clone()));
             let same = |entry: Option<&(String, PodStatus)>| {
                 entry.is_some_and(|(u, st)| u == uid && st == status)
             };
             if same(s.written.get(key)) {
                 s.pending.remove(key);
-                return false;
+                return news;
             }
             if same(s.pending.get(key)) {
-                return false;
+                return news;
             }
             s.pending
                 .insert(key.to_owned(), (uid.to_owned(), status.clone()));
@@ -634,6 +650,54 @@ fn status_patch(uid: &str, status: &PodStatus, previous: Option<&PodStatus>) -> 
     json!({"metadata": {"uid": uid}, "status": body})
 }
 
+/// Writes one kubelet Event about a pod (core/v1, source `kubelet` on this node);
+/// an Event that cannot be written is dropped, as a kubelet's recorder drops them.
+async fn write_event(
+    client: &::kube::Client,
+    node: &str,
+    key: &str,
+    uid: &str,
+    (kind, reason, message): super::pod_events::PodEvent,
+) {
+    use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+    let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            namespace: Some(namespace.to_owned()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            uid: Some(uid.to_owned()),
+            ..Default::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message),
+        type_: Some(kind.into()),
+        source: Some(EventSource {
+            component: Some("kubelet".into()),
+            host: Some(node.to_owned()),
+        }),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        count: Some(1),
+        reporting_component: Some("kubelet".into()),
+        reporting_instance: Some(node.to_owned()),
+        ..Default::default()
+    };
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    if let Err(e) = api.create(&Default::default(), &event).await {
+        tracing::debug!(pod = %key, error = %e, "kubelet event not written");
+    }
+}
+
 /// Whether a failed write is worth trying again: the API was away, not the answer no.
 fn retryable(error: &::kube::Error) -> bool {
     match error {
@@ -669,11 +733,16 @@ async fn write_back(client: ::kube::Client, shared: Arc<Shared>) {
                         .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
                 })
                 .collect();
-            (statuses, finishes)
+            s.reported.retain(|_, (uid, _)| s.pods.contains_key(uid));
+            let events = std::mem::take(&mut s.events);
+            (statuses, finishes, events)
         });
-        let Some((statuses, finishes)) = work else {
+        let Some((statuses, finishes, events)) = work else {
             return;
         };
+        for (key, uid, event) in events {
+            write_event(&client, &settings.node_name, &key, &uid, event).await;
+        }
         if statuses.is_empty() && finishes.is_empty() {
             shared.work.notified().await;
             continue;

@@ -13,6 +13,7 @@
 pub mod gateway_status;
 pub mod kube;
 pub mod manifest_dir;
+pub mod pod_events;
 pub mod stamps;
 pub mod status;
 
