@@ -312,13 +312,48 @@ fn bootstrap_objects(state: &ApiState) -> Vec<(String, Value)> {
     out
 }
 
-/// Creates what every site has, once: each object only if missing, so a member that
-/// starts later changes nothing.
+/// A default ClusterRole or binding as stored, brought up to this release's rules,
+/// roleRef and subjects (None when it already is, or is not a default, or its owner
+/// opted out with `rbac.authorization.kubernetes.io/autoupdate: "false"`), as
+/// kube-apiserver reconciles its bootstrap policy on start.
+fn reconciled_default(stored: &Value, wanted: &Value) -> Option<Value> {
+    let default = |o: &Value| {
+        o.pointer("/metadata/labels/kubernetes.io~1bootstrapping")
+            .and_then(Value::as_str)
+            == Some("rbac-defaults")
+    };
+    let opted_out = stored
+        .pointer("/metadata/annotations/rbac.authorization.kubernetes.io~1autoupdate")
+        .and_then(Value::as_str)
+        == Some("false");
+    if !default(stored) || !default(wanted) || opted_out {
+        return None;
+    }
+    let mut updated = stored.clone();
+    let mut changed = false;
+    for field in ["rules", "roleRef", "subjects"] {
+        if let Some(value) = wanted.get(field)
+            && stored.get(field) != Some(value)
+        {
+            updated[field] = value.clone();
+            changed = true;
+        }
+    }
+    changed.then(|| {
+        if let Some(m) = updated.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        updated
+    })
+}
+
+/// Creates what every site has, each object only if missing, and brings the default
+/// ClusterRoles and bindings up to this release (a site made by an older Brink gets the
+/// roles its new scheduler, controllers and nodes need).
 async fn bootstrap(state: Arc<ApiState>) {
     for (key, object) in bootstrap_objects(&state) {
         loop {
-            let data = serde_json::to_vec(&object).unwrap_or_default();
-            let exists = {
+            let stored = {
                 let replica = state.replica.clone();
                 let k = key.clone();
                 tokio::task::spawn_blocking(move || replica.store().get(k.as_bytes()))
@@ -326,21 +361,31 @@ async fn bootstrap(state: Arc<ApiState>) {
                     .ok()
                     .and_then(Result::ok)
                     .flatten()
-                    .is_some()
             };
-            if exists {
-                break;
-            }
-            match state
-                .replica
-                .propose(Command {
-                    ops: vec![Op::Create {
+            let op = match stored {
+                None => Op::Create {
+                    key: key.clone().into_bytes(),
+                    data: serde_json::to_vec(&object).unwrap_or_default(),
+                },
+                Some(stored) => {
+                    let Some(updated) = serde_json::from_slice::<Value>(&stored.data)
+                        .ok()
+                        .and_then(|old| reconciled_default(&old, &object))
+                    else {
+                        break;
+                    };
+                    tracing::info!(
+                        key,
+                        "API server: a default role or binding brought up to date"
+                    );
+                    Op::Update {
                         key: key.clone().into_bytes(),
-                        data,
-                    }],
-                })
-                .await
-            {
+                        data: serde_json::to_vec(&updated).unwrap_or_default(),
+                        expect_mod: Some(stored.mod_revision),
+                    }
+                }
+            };
+            match state.replica.propose(Command { ops: vec![op] }).await {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::debug!(key, error = %e, "API server: bootstrap write failed; trying again");
@@ -463,5 +508,28 @@ async fn namespace_sweeper(state: Arc<ApiState>) {
                 tracing::warn!(namespace = name, error = %e, "API server: namespace cleanup failed; trying again");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_roles_are_brought_up_to_date_unless_their_owner_opted_out() {
+        let wanted = json!({"kind": "ClusterRole", "metadata": {"name": "r", "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+                            "rules": [{"verbs": ["get"]}, {"verbs": ["patch"]}]});
+        let old = json!({"kind": "ClusterRole", "metadata": {"name": "r", "uid": "u", "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+                         "rules": [{"verbs": ["get"]}]});
+        let updated = reconciled_default(&old, &wanted).expect("updated");
+        assert_eq!(updated["rules"], wanted["rules"]);
+        assert_eq!(updated["metadata"]["uid"], "u");
+        assert_eq!(reconciled_default(&updated, &wanted), None);
+        let mut kept = old.clone();
+        kept["metadata"]["annotations"] =
+            json!({"rbac.authorization.kubernetes.io/autoupdate": "false"});
+        assert_eq!(reconciled_default(&kept, &wanted), None);
+        let namespace = json!({"kind": "Namespace", "metadata": {"name": "default"}});
+        assert_eq!(reconciled_default(&namespace, &namespace), None);
     }
 }
