@@ -2341,6 +2341,41 @@ fn three_nodes_share_a_site_and_survive_losing_one() {
         assert!(served.body.contains("web-"), "{}", served.body);
     }
 
+    // A rolling update while a client keeps asking edge-0's gateway: every request is
+    // answered 200 (new pods serve once ready, old ones stop after leaving the backends).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        let addr: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().expect("addr");
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http_get(addr, "/") {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    Ok(r) => failed.push(format!("{} {}", r.status, r.body.trim())),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    admin.ok(&["-n", "spread", "rollout", "restart", "deployment/web"]);
+    let out = admin.ok(&[
+        "-n",
+        "spread",
+        "rollout",
+        "status",
+        "deployment/web",
+        "--timeout=120s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.join().expect("client");
+    assert!(
+        ok > 0 && failed.is_empty(),
+        "{ok} answered, failed: {failed:?}"
+    );
+
     // edge-2 dies: after its grace period it is unreachable, its pods are evicted after
     // their 2 s toleration and replaced on the other two.
     let mut nodes = nodes;
