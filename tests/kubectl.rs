@@ -1814,6 +1814,65 @@ fn deployments(admin: &Kubectl<'_>, hello: &str) {
     admin.ok(&["-n", "dep", "delete", "gateway", "edge"]);
     admin.ok(&["delete", "gatewayclass", "brink"]);
 
+    // The imperative verbs with images from a registry: create deployment names the
+    // container after the image, set image rolls out the new one.
+    let registry = Registry::start();
+    let v1 = format!("{}:v1", registry.reference("demo/hello"));
+    let v2 = format!("{}:v2", registry.reference("demo/hello"));
+    push("hello", &v1);
+    push("echo", &v2);
+    admin.ok(&[
+        "-n",
+        "dep",
+        "create",
+        "deployment",
+        "hello",
+        &format!("--image={v1}"),
+        "--replicas=2",
+    ]);
+    let out = admin.ok(&[
+        "-n",
+        "dep",
+        "rollout",
+        "status",
+        "deployment/hello",
+        "--timeout=90s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    admin.ok(&[
+        "-n",
+        "dep",
+        "set",
+        "image",
+        "deployment/hello",
+        &format!("hello={v2}"),
+    ]);
+    let out = admin.ok(&[
+        "-n",
+        "dep",
+        "rollout",
+        "status",
+        "deployment/hello",
+        "--timeout=90s",
+    ]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    // Once the old pods have gone, only the new image runs.
+    wait_for("only v2 pods", || {
+        let images = admin.ok(&[
+            "-n",
+            "dep",
+            "get",
+            "pods",
+            "-l",
+            "app=hello",
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].image}",
+        ]);
+        let all: Vec<&str> = images.split_whitespace().collect();
+        (all.len() == 2 && all.iter().all(|i| *i == v2)).then_some(())
+    });
+    admin.ok(&["-n", "dep", "delete", "deployment", "hello"]);
+
     // Deleting the Deployment takes its sets and pods.
     admin.ok(&["-n", "dep", "delete", "deployment", "web"]);
     wait_for("the deployment's pods to go", || {
