@@ -302,11 +302,13 @@ pub fn misfits(pod: &Pod, info: &NodeInfo) -> Vec<String> {
         reasons.push("Too many pods".to_owned());
     }
     if wants.cpu_millis > 0
-        && cpu.is_some_and(|cpu| info.requested.cpu_millis + wants.cpu_millis > cpu)
+        && cpu.is_some_and(|cpu| info.requested.cpu_millis.saturating_add(wants.cpu_millis) > cpu)
     {
         reasons.push("Insufficient cpu".to_owned());
     }
-    if wants.memory > 0 && memory.is_some_and(|m| info.requested.memory + wants.memory > m) {
+    if wants.memory > 0
+        && memory.is_some_and(|m| info.requested.memory.saturating_add(wants.memory) > m)
+    {
         reasons.push("Insufficient memory".to_owned());
     }
     reasons
@@ -323,11 +325,13 @@ pub fn score(pod: &Pod, info: &NodeInfo) -> (i64, i64) {
     let (cpu, memory, _) = info.allocatable();
     let wants = pod_requests(pod, true);
     let free = |capacity: Option<u64>, used: u64| match capacity {
-        Some(c) if c > 0 => (c.saturating_sub(used) * 100 / c) as i64,
+        Some(c) if c > 0 => (u128::from(c.saturating_sub(used)) * 100 / u128::from(c)) as i64,
         _ => 0,
     };
-    let least = (free(cpu, info.nonzero.cpu_millis + wants.cpu_millis)
-        + free(memory, info.nonzero.memory + wants.memory))
+    let least = (free(
+        cpu,
+        info.nonzero.cpu_millis.saturating_add(wants.cpu_millis),
+    ) + free(memory, info.nonzero.memory.saturating_add(wants.memory)))
         / 2;
     (-siblings, least)
 }
@@ -516,6 +520,25 @@ mod tests {
         // Without an owner, the emptier node wins.
         let plain = pod(json!({}));
         assert!(score(&plain, &b) > score(&plain, &a));
+    }
+
+    #[test]
+    fn huge_numbers_from_a_node_or_pod_do_not_overflow() {
+        let big = node(
+            "a",
+            json!({"status": {"allocatable": {"cpu": "9000000000000", "memory": "8Ei", "pods": "110"}}}),
+        );
+        let greedy = pod(
+            json!({"spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "9000000000000", "memory": "8Ei"}}}]}}),
+        );
+        let mut info = big.clone();
+        info.add(&greedy);
+        info.add(&greedy);
+        let _ = misfits(&greedy, &info);
+        for p in [&greedy, &pod(json!({}))] {
+            let (_, least) = score(p, &big);
+            assert!((0..=100).contains(&least), "{least}");
+        }
     }
 
     #[test]
