@@ -1271,12 +1271,7 @@ fn the_leader_dies_while_pods_are_scheduled_and_none_is_bound_twice() {
     .expect("events");
     for i in 0..30 {
         let name = format!("p{i:02}");
-        let scheduled = events["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["reason"] == "Scheduled" && e["involvedObject"]["name"] == name.as_str())
-            .count();
+        let scheduled = scheduled_events(&events, &name);
         // One binding each; an event may be lost with the member that bound it.
         assert!(scheduled <= 1, "{name} was bound {scheduled} times");
     }

@@ -1671,12 +1671,7 @@ fn scheduled_pods(admin: &Kubectl<'_>, hello: &str, job: &str) {
             .expect("events");
     for i in 0..12 {
         let name = format!("race-{i}");
-        let scheduled = events["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["reason"] == "Scheduled" && e["involvedObject"]["name"] == name.as_str())
-            .count();
+        let scheduled = scheduled_events(&events, &name);
         assert_eq!(scheduled, 1, "{name} was bound {scheduled} times");
     }
 }
@@ -1830,15 +1825,7 @@ fn deployments(admin: &Kubectl<'_>, hello: &str) {
         &format!("--image={v1}"),
         "--replicas=2",
     ]);
-    let out = admin.ok(&[
-        "-n",
-        "dep",
-        "rollout",
-        "status",
-        "deployment/hello",
-        "--timeout=90s",
-    ]);
-    assert!(out.contains("successfully rolled out"), "{out}");
+    rolled_out(admin, "dep", "deployment/hello");
     admin.ok(&[
         "-n",
         "dep",
@@ -1847,15 +1834,7 @@ fn deployments(admin: &Kubectl<'_>, hello: &str) {
         "deployment/hello",
         &format!("hello={v2}"),
     ]);
-    let out = admin.ok(&[
-        "-n",
-        "dep",
-        "rollout",
-        "status",
-        "deployment/hello",
-        "--timeout=90s",
-    ]);
-    assert!(out.contains("successfully rolled out"), "{out}");
+    rolled_out(admin, "dep", "deployment/hello");
     // Once the old pods have gone, only the new image runs.
     wait_for("only v2 pods", || {
         let images = admin.ok(&[
@@ -1890,15 +1869,7 @@ fn daemons_and_jobs(admin: &Kubectl<'_>, hello: &str, job: &str) {
     );
     let applied = admin.run_with_stdin(&["apply", "-f", "-"], Some(&daemon));
     assert!(applied.status.success(), "{}", stderr(&applied));
-    let out = admin.ok(&[
-        "-n",
-        "batch",
-        "rollout",
-        "status",
-        "daemonset/agent",
-        "--timeout=60s",
-    ]);
-    assert!(out.contains("successfully rolled out"), "{out}");
+    rolled_out(admin, "batch", "daemonset/agent");
     let placed = admin.ok(&[
         "-n",
         "batch",
@@ -1922,15 +1893,7 @@ fn daemons_and_jobs(admin: &Kubectl<'_>, hello: &str, job: &str) {
     assert_eq!(counts, "1 1");
     // A new template replaces the pod.
     admin.ok(&["-n", "batch", "rollout", "restart", "daemonset/agent"]);
-    let out = admin.ok(&[
-        "-n",
-        "batch",
-        "rollout",
-        "status",
-        "daemonset/agent",
-        "--timeout=60s",
-    ]);
-    assert!(out.contains("successfully rolled out"), "{out}");
+    rolled_out(admin, "batch", "daemonset/agent");
     wait_for("the old daemon pod to go", || {
         let pods = admin.ok(&[
             "-n",
@@ -2020,6 +1983,12 @@ fn daemons_and_jobs(admin: &Kubectl<'_>, hello: &str, job: &str) {
     ]);
     assert_eq!(failed, "2 BackoffLimitExceeded");
     admin.ok(&["delete", "namespace", "batch", "--wait=false"]);
+}
+
+/// `kubectl rollout status` of `target` in `ns` says it rolled out (within 120 s).
+fn rolled_out(k: &Kubectl<'_>, ns: &str, target: &str) {
+    let out = k.ok(&["-n", ns, "rollout", "status", target, "--timeout=120s"]);
+    assert!(out.contains("successfully rolled out"), "{out}");
 }
 
 /// A joined node's flags: its own credential, host ports on loopback.
@@ -2330,15 +2299,7 @@ fn three_nodes_share_a_site_and_survive_losing_one() {
     );
     let applied = admin.run_with_stdin(&["apply", "-f", "-"], Some(&manifest));
     assert!(applied.status.success(), "{}", stderr(&applied));
-    let out = admin.ok(&[
-        "-n",
-        "spread",
-        "rollout",
-        "status",
-        "deployment/web",
-        "--timeout=120s",
-    ]);
-    assert!(out.contains("successfully rolled out"), "{out}");
+    rolled_out(&admin, "spread", "deployment/web");
     let per_node = |admin: &Kubectl<'_>| {
         let placed = admin.ok(&[
             "-n",
@@ -2419,15 +2380,7 @@ fn three_nodes_share_a_site_and_survive_losing_one() {
         })
     };
     admin.ok(&["-n", "spread", "rollout", "restart", "deployment/web"]);
-    let out = admin.ok(&[
-        "-n",
-        "spread",
-        "rollout",
-        "status",
-        "deployment/web",
-        "--timeout=120s",
-    ]);
-    assert!(out.contains("successfully rolled out"), "{out}");
+    rolled_out(&admin, "spread", "deployment/web");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = client.join().expect("client");
     assert!(

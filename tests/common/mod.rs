@@ -662,3 +662,14 @@ pub fn proc_status(pid: u32, field: &str) -> String {
         })
         .unwrap_or_default()
 }
+
+/// How many `Scheduled` Events an EventList (JSON) holds for the pod `name`: a pod the
+/// scheduler bound once has one.
+pub fn scheduled_events(events: &Value, name: &str) -> usize {
+    events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["reason"] == "Scheduled" && e["involvedObject"]["name"] == name)
+        .count()
+}

@@ -135,6 +135,18 @@ mod tests {
         assert_eq!(container(&two, "p", Some("b")).ok().as_deref(), Some("b"));
     }
 
+    #[tokio::test]
+    async fn a_node_that_does_not_answer_is_a_502_naming_it() {
+        // A port nobody listens on: bind one, note it, let it go.
+        let free = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr());
+        let address = free.expect("a port").to_string();
+        let Err(err) = proxy(&address, "/containerLogs/a/b/c").await else {
+            panic!("a node nobody answers for was reached");
+        };
+        assert_eq!(err.code, 502);
+        assert!(err.message.contains(&address), "{}", err.message);
+    }
+
     #[test]
     fn a_node_is_reached_at_its_internal_ip_and_kubelet_port() {
         let node = json!({"status": {

@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -23,9 +22,7 @@ use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::json;
 
-use super::{
-    ControllerSettings, ReconcileError, controller_uid, is_active, is_available, safe_hash,
-};
+use super::{ControllerSettings, ReconcileError, is_active, is_available, safe_hash};
 
 pub const COMPONENT: &str = "daemonset-controller";
 pub const REVISION_HASH: &str = "controller-revision-hash";
@@ -56,23 +53,13 @@ pub async fn run(client: kube::Client, settings: ControllerSettings) {
         settings,
         expectations: Default::default(),
     });
-    Controller::new(Api::<DaemonSet>::all(client.clone()), Default::default())
+    let controller = Controller::new(Api::<DaemonSet>::all(client.clone()), Default::default())
         .owns(Api::<Pod>::all(client), Default::default())
         .reconcile_all_on(node_events)
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "daemonset reconcile");
-            }
-        })
-        .await;
+        .run(reconcile, super::retry_later, context);
+    super::drive(controller, "daemonset").await;
     pod_follower.abort();
     node_follower.abort();
-}
-
-fn error_policy(_ds: Arc<DaemonSet>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(%error, "daemonset reconcile failed; retrying");
-    Action::requeue(std::time::Duration::from_secs(2))
 }
 
 /// The tolerations every DaemonSet pod gets, as Kubernetes adds them.
@@ -186,13 +173,8 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Context>) -> Result<Action, Reco
     let namespace = ds.namespace().unwrap_or_else(|| "default".into());
     let uid = ds.uid().unwrap_or_default();
     let hash = template_hash(&ds);
-    let state = ctx.pods.state();
-    let owned: Vec<&Pod> = state
-        .iter()
-        .map(|p| p.as_ref())
-        .filter(|p| p.namespace().as_deref() == Some(&namespace))
-        .filter(|p| controller_uid(&p.metadata) == Some(&uid))
-        .collect();
+    let state = super::owned_pods(&ctx.pods, &namespace, &uid);
+    let owned: Vec<&Pod> = state.iter().map(|p| p.as_ref()).collect();
     let seen: BTreeSet<String> = owned.iter().map(|p| p.name_any()).collect();
     let live: BTreeSet<String> = owned
         .iter()

@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -47,21 +46,11 @@ pub async fn run(client: kube::Client, settings: ControllerSettings) {
         sets,
         settings,
     });
-    Controller::new(Api::<Deployment>::all(client.clone()), Default::default())
+    let controller = Controller::new(Api::<Deployment>::all(client.clone()), Default::default())
         .owns(Api::<ReplicaSet>::all(client), Default::default())
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "deployment reconcile");
-            }
-        })
-        .await;
+        .run(reconcile, super::retry_later, context);
+    super::drive(controller, "deployment").await;
     follower.abort();
-}
-
-fn error_policy(_d: Arc<Deployment>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(%error, "deployment reconcile failed; retrying");
-    Action::requeue(std::time::Duration::from_secs(2))
 }
 
 /// maxSurge and maxUnavailable as pod counts (surge rounds up, unavailability down;

@@ -10,7 +10,6 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -29,6 +28,8 @@ pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 struct Context {
     client: kube::Client,
     pods: Store<Pod>,
+    /// The slices as written, so an unchanged one is not read or written again.
+    slices: Store<EndpointSlice>,
     settings: ControllerSettings,
 }
 
@@ -40,27 +41,24 @@ pub async fn run(client: kube::Client, settings: ControllerSettings) {
     if pods.wait_until_ready().await.is_err() {
         return;
     }
+    let (slices, slice_follower) = super::follow(Api::<EndpointSlice>::all(client.clone()), || {});
+    if slices.wait_until_ready().await.is_err() {
+        follower.abort();
+        return;
+    }
     let context = Arc::new(Context {
         client: client.clone(),
         pods,
+        slices,
         settings,
     });
-    Controller::new(Api::<Service>::all(client.clone()), Default::default())
+    let controller = Controller::new(Api::<Service>::all(client.clone()), Default::default())
         .owns(Api::<EndpointSlice>::all(client), Default::default())
         .reconcile_all_on(pod_events)
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "endpointslice reconcile");
-            }
-        })
-        .await;
+        .run(reconcile, super::retry_later, context);
+    super::drive(controller, "endpointslice").await;
     follower.abort();
-}
-
-fn error_policy(_svc: Arc<Service>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(%error, "endpointslice reconcile failed; retrying");
-    Action::requeue(std::time::Duration::from_secs(2))
+    slice_follower.abort();
 }
 
 /// The container port a Service port's targetPort names in `pod`.
@@ -165,9 +163,12 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, R
         .unwrap_or_default()
         .to_owned();
     // Written only when it changed: compare with what the API holds.
-    let current = slices.get_opt(&name).await?;
+    let current = ctx.slices.state().into_iter().find(|c| {
+        c.metadata.namespace.as_deref() == Some(namespace.as_str())
+            && c.metadata.name.as_deref() == Some(name.as_str())
+    });
     let unchanged = current.as_ref().is_some_and(|c| {
-        let have = serde_json::to_value(c).unwrap_or_default();
+        let have = serde_json::to_value(c.as_ref()).unwrap_or_default();
         have.get("endpoints").unwrap_or(&json!([])) == slice.get("endpoints").unwrap_or(&json!([]))
             && have.get("ports").unwrap_or(&json!([])) == slice.get("ports").unwrap_or(&json!([]))
     });

@@ -12,17 +12,15 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::{Value, json};
 
-use super::{ControllerSettings, ReconcileError, controller_uid, is_active};
+use super::{ControllerSettings, ReconcileError, is_active};
 
 pub const COMPONENT: &str = "job-controller";
 
@@ -44,21 +42,11 @@ pub async fn run(client: kube::Client, settings: ControllerSettings) {
         settings,
         expectations: Default::default(),
     });
-    Controller::new(Api::<Job>::all(client.clone()), Default::default())
+    let controller = Controller::new(Api::<Job>::all(client.clone()), Default::default())
         .owns(Api::<Pod>::all(client), Default::default())
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "job reconcile");
-            }
-        })
-        .await;
+        .run(reconcile, super::retry_later, context);
+    super::drive(controller, "job").await;
     follower.abort();
-}
-
-fn error_policy(_job: Arc<Job>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(%error, "job reconcile failed; retrying");
-    Action::requeue(std::time::Duration::from_secs(2))
 }
 
 /// Where a Job stands, from its pods.
@@ -126,30 +114,6 @@ pub fn step(completions: usize, parallelism: usize, backoff_limit: usize, c: Cou
     }
 }
 
-fn pod_for(job: &Job) -> Result<Pod, ReconcileError> {
-    let template = job
-        .spec
-        .as_ref()
-        .map(|s| s.template.clone())
-        .ok_or_else(|| ReconcileError::Invalid("the Job has no spec".into()))?;
-    let owner = job
-        .controller_owner_ref(&())
-        .ok_or_else(|| ReconcileError::Invalid("the Job has no name or uid".into()))?;
-    let meta = template.metadata.unwrap_or_default();
-    Ok(Pod {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}-", job.name_any())),
-            namespace: job.namespace(),
-            labels: meta.labels,
-            annotations: meta.annotations,
-            owner_references: Some(vec![owner]),
-            ..Default::default()
-        },
-        spec: template.spec,
-        status: None,
-    })
-}
-
 fn condition(kind: &str, reason: &str, message: &str) -> Value {
     let now = crate::apiserver::handler::now_rfc3339();
     json!({"type": kind, "status": "True", "reason": reason, "message": message,
@@ -176,13 +140,8 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Reconcile
     };
     let namespace = job.namespace().unwrap_or_else(|| "default".into());
     let uid = job.uid().unwrap_or_default();
-    let state = ctx.pods.state();
-    let owned: Vec<&Pod> = state
-        .iter()
-        .map(|p| p.as_ref())
-        .filter(|p| p.namespace().as_deref() == Some(&namespace))
-        .filter(|p| controller_uid(&p.metadata) == Some(&uid))
-        .collect();
+    let state = super::owned_pods(&ctx.pods, &namespace, &uid);
+    let owned: Vec<&Pod> = state.iter().map(|p| p.as_ref()).collect();
     let counts = count(&owned);
     let seen: BTreeSet<String> = owned.iter().map(|p| p.name_any()).collect();
     let live: BTreeSet<String> = owned
@@ -207,7 +166,10 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Context>) -> Result<Action, Reconcile
     let mut completion_time = None;
     match step(completions, parallelism, backoff_limit, counted) {
         Step::Start(n) => {
-            let template = pod_for(&job)?;
+            let template = super::pod_from_template(
+                job.as_ref(),
+                job.spec.as_ref().map(|s| s.template.clone()),
+            )?;
             for _ in 0..n.min(ctx.settings.burst) {
                 match pods.create(&PostParams::default(), &template).await {
                     Ok(pod) => {

@@ -180,6 +180,77 @@ pub async fn pod_store(
     }
 }
 
+/// The pods in `namespace` whose controller is the object with `uid`.
+pub fn owned_pods(
+    pods: &kube::runtime::reflector::Store<Pod>,
+    namespace: &str,
+    uid: &str,
+) -> Vec<std::sync::Arc<Pod>> {
+    use kube::ResourceExt as _;
+    pods.state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace))
+        .filter(|p| controller_uid(&p.metadata) == Some(uid))
+        .collect()
+}
+
+/// A pod from `owner`'s template, named after it (`generateName`), with a controller
+/// reference to it.
+pub fn pod_from_template<K>(
+    owner: &K,
+    template: Option<k8s_openapi::api::core::v1::PodTemplateSpec>,
+) -> Result<Pod, ReconcileError>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    use kube::ResourceExt as _;
+    let kind = K::kind(&());
+    let template = template
+        .ok_or_else(|| ReconcileError::Invalid(format!("the {kind} has no pod template")))?;
+    let reference = owner
+        .controller_owner_ref(&())
+        .ok_or_else(|| ReconcileError::Invalid(format!("the {kind} has no name or uid")))?;
+    let meta = template.metadata.unwrap_or_default();
+    Ok(Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", owner.name_any())),
+            namespace: owner.namespace(),
+            labels: meta.labels,
+            annotations: meta.annotations,
+            owner_references: Some(vec![reference]),
+            ..Default::default()
+        },
+        spec: template.spec,
+        status: None,
+    })
+}
+
+/// Runs a Controller's reconcile stream to its end (failures are the error policy's to
+/// log and retry).
+pub async fn drive<T, E: std::fmt::Display>(
+    stream: impl futures::Stream<Item = Result<T, E>>,
+    what: &str,
+) {
+    use futures::StreamExt as _;
+    stream
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "{what} reconcile");
+            }
+        })
+        .await;
+}
+
+/// Every controller's error policy: log, and try again shortly.
+pub fn retry_later<K: kube::Resource<DynamicType = ()>, C>(
+    _object: std::sync::Arc<K>,
+    error: &ReconcileError,
+    _context: std::sync::Arc<C>,
+) -> kube::runtime::controller::Action {
+    tracing::warn!(kind = %K::kind(&()), %error, "reconcile failed; retrying");
+    kube::runtime::controller::Action::requeue(Duration::from_secs(2))
+}
+
 /// Writes `status` to an object's status subresource (merge patch, with its uid as
 /// precondition), as `component`.
 pub async fn write_status<K>(

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use futures::StreamExt as _;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::Store;
 use kube::{Resource as _, ResourceExt as _};
 use serde_json::json;
 
-use super::{ControllerSettings, ReconcileError, controller_uid, is_active, is_available};
+use super::{ControllerSettings, ReconcileError, is_active, is_available};
 
 /// The component name on its Events.
 pub const COMPONENT: &str = "replicaset-controller";
@@ -42,21 +41,11 @@ pub async fn run(client: kube::Client, settings: ControllerSettings) {
         settings,
         expectations: Default::default(),
     });
-    Controller::new(Api::<ReplicaSet>::all(client.clone()), Default::default())
+    let controller = Controller::new(Api::<ReplicaSet>::all(client.clone()), Default::default())
         .owns(Api::<Pod>::all(client), Default::default())
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "replicaset reconcile");
-            }
-        })
-        .await;
+        .run(reconcile, super::retry_later, context);
+    super::drive(controller, "replicaset").await;
     follower.abort();
-}
-
-fn error_policy(_rs: Arc<ReplicaSet>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(%error, "replicaset reconcile failed; retrying");
-    Action::requeue(std::time::Duration::from_secs(2))
 }
 
 /// The order surplus pods are deleted in: smaller goes first.
@@ -83,44 +72,13 @@ fn deletion_rank(
     (scheduled, phase, ready, std::cmp::Reverse(created))
 }
 
-/// A pod for `rs` from its template.
-fn pod_for(rs: &ReplicaSet) -> Result<Pod, ReconcileError> {
-    let template = rs
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.clone())
-        .ok_or_else(|| ReconcileError::Invalid("the ReplicaSet has no pod template".into()))?;
-    let owner = rs
-        .controller_owner_ref(&())
-        .ok_or_else(|| ReconcileError::Invalid("the ReplicaSet has no name or uid".into()))?;
-    let meta = template.metadata.unwrap_or_default();
-    Ok(Pod {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}-", rs.name_any())),
-            namespace: rs.namespace(),
-            labels: meta.labels,
-            annotations: meta.annotations,
-            owner_references: Some(vec![owner]),
-            ..Default::default()
-        },
-        spec: template.spec,
-        status: None,
-    })
-}
-
 async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     if rs.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let namespace = rs.namespace().unwrap_or_else(|| "default".into());
     let uid = rs.uid().unwrap_or_default();
-    let owned: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(&namespace))
-        .filter(|p| controller_uid(&p.metadata) == Some(&uid))
-        .collect();
+    let owned = super::owned_pods(&ctx.pods, &namespace, &uid);
     let active: Vec<&Arc<Pod>> = owned.iter().filter(|p| is_active(p)).collect();
     let seen: BTreeSet<String> = owned.iter().map(|p| p.name_any()).collect();
     let live: BTreeSet<String> = active.iter().map(|p| p.name_any()).collect();
@@ -141,7 +99,10 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Context>) -> Result<Action, Rec
     let reference = rs.object_ref(&());
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     if counted < want {
-        let template = pod_for(&rs)?;
+        let template = super::pod_from_template(
+            rs.as_ref(),
+            rs.spec.as_ref().and_then(|s| s.template.clone()),
+        )?;
         let n = (want - counted).min(ctx.settings.burst);
         let results = futures::stream::iter(0..n)
             .map(|_| {
@@ -305,15 +266,28 @@ mod tests {
                      "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}},
         }))
         .expect("rs");
-        let pod = pod_for(&rs).expect("pod");
+        let pod = crate::controllers::pod_from_template(
+            &rs,
+            rs.spec.as_ref().and_then(|s| s.template.clone()),
+        )
+        .expect("pod");
         assert_eq!(pod.metadata.generate_name.as_deref(), Some("web-abc-"));
         assert_eq!(pod.metadata.namespace.as_deref(), Some("shop"));
-        assert_eq!(controller_uid(&pod.metadata), Some("rs-1"));
+        assert_eq!(
+            crate::controllers::controller_uid(&pod.metadata),
+            Some("rs-1")
+        );
         assert_eq!(pod.labels().get("app").map(String::as_str), Some("web"));
         let bare: ReplicaSet = serde_json::from_value(
             json!({"metadata": {"name": "x", "uid": "u"}, "spec": {"selector": {}}}),
         )
         .expect("rs");
-        assert!(pod_for(&bare).is_err());
+        assert!(
+            crate::controllers::pod_from_template(
+                &bare,
+                bare.spec.as_ref().and_then(|s| s.template.clone())
+            )
+            .is_err()
+        );
     }
 }

@@ -579,7 +579,13 @@ impl PodSource for SitePods {
 impl StatusSink for SiteStatus {
     fn changed(&self, key: &str, uid: &str, status: &PodStatus) {
         let queued = self.shared.with_state(|s| {
-            if s.closing {
+            // Workers report after every update, changed or not: an unchanged status
+            // is neither news nor a write.
+            if s.closing
+                || s.reported
+                    .get(key)
+                    .is_some_and(|(u, st)| u == uid && st == status)
+            {
                 return false;
             }
             let before = s
