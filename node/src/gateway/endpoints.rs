@@ -75,6 +75,17 @@ impl EndpointSet {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
         self.endpoints.get(i)
     }
+
+    /// Every endpoint once, starting at the round-robin's next: the order to try them in
+    /// when one hands a request back.
+    pub fn in_turn(&self) -> impl Iterator<Item = &Endpoint> {
+        let count = self.endpoints.len();
+        let start = match count {
+            0 => 0,
+            _ => self.next.fetch_add(1, Ordering::Relaxed) % count,
+        };
+        (0..count).filter_map(move |i| self.endpoints.get((start + i) % count))
+    }
 }
 
 /// Service ports (`namespace/name`, port) → ready endpoints.

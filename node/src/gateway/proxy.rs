@@ -204,17 +204,31 @@ async fn serve_rule(
             return text_response(StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n"));
         }
     };
-    let Some(endpoint) = backends.get(&key_port).and_then(|set| set.pick()).cloned() else {
-        return text_response(
+    let no_endpoint = || {
+        text_response(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "no ready endpoint for Service {} port {}\n",
                 key_port.0, key_port.1
             ),
-        );
+        )
+    };
+    let Some(set) = backends.get(&key_port).cloned() else {
+        return no_endpoint();
     };
     let request = Request::from_parts(parts, body);
-    let call = endpoint.service.handle(request);
+    // An endpoint that is stopping (this map predates its leaving) or restarting its
+    // sandbox hands the request back unsent; each endpoint is tried at most once.
+    let call = async move {
+        let mut request = request;
+        for endpoint in set.in_turn() {
+            match endpoint.service.try_handle(request).await {
+                Ok(response) => return response,
+                Err(unsent) => request = unsent,
+            }
+        }
+        no_endpoint()
+    };
     let mut response = match rule.backend_timeout {
         Some(limit) => match tokio::time::timeout(limit, call).await {
             Ok(response) => response,

@@ -1013,6 +1013,10 @@ impl Worker {
         // Graceful stop: out of the gateway's endpoints first, then close the listeners
         // and let requests in flight finish.
         self.ctx.gateway.endpoints.unregister(&self.key, &name);
+        // A proxy still holding the old backend map hands refused requests to another
+        // endpoint; without closing, one could arrive after the wait below and meet a
+        // stopped sandbox.
+        app.close();
         self.set_container(&name, |c| c.ready = false);
         let grace = self.grace();
         let deadline = Instant::now() + grace;

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -36,7 +36,7 @@ pub struct HttpApp {
     runtime: Arc<Runtime>,
     pre: ProxyPre<HostState>,
     ctx: GuestContext,
-    in_flight: AtomicU64,
+    gate: crate::in_flight::Gate,
 }
 
 /// A plain-text response made by the node itself.
@@ -59,13 +59,32 @@ impl HttpApp {
             runtime,
             pre,
             ctx,
-            in_flight: AtomicU64::new(0),
+            gate: crate::in_flight::Gate::default(),
         }
     }
 
     /// Requests being served now (a graceful stop waits for this to reach zero).
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.gate.in_flight()
+    }
+
+    /// Takes no new requests (the container is stopping); those in flight finish.
+    pub fn close(&self) {
+        self.gate.close();
+    }
+
+    /// Serves one request, or hands it back untouched when the container is stopping.
+    pub async fn try_handle<B>(&self, request: Request<B>) -> Result<Response<HttpBody>, Request<B>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let Some(in_flight) = self.gate.enter() else {
+            return Err(request);
+        };
+        let response = self.serve(request).await.0;
+        drop(in_flight);
+        Ok(response)
     }
 
     /// Serves one request. Never fails: guest traps become 500, the CPU deadline 504.
@@ -87,13 +106,29 @@ impl HttpApp {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
+        let Some(_in_flight) = self.gate.enter() else {
+            return (
+                text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the container is stopping\n",
+                ),
+                None,
+            );
+        };
+        self.serve(request).await
+    }
+
+    /// Serves a request already counted in.
+    async fn serve<B>(&self, request: Request<B>) -> (Response<HttpBody>, Option<GuestFailure>)
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
         let metrics = &self.runtime.metrics;
         // The node-wide request count doubles as the request id in traces.
         let id = metrics.http_requests.fetch_add(1, Ordering::Relaxed) + 1;
         let span = tracing::debug_span!("request", id, container = %self.ctx.name);
-        let in_flight = crate::in_flight::InFlight::enter(&self.in_flight);
         let response = self.handle_inner(request).instrument(span).await;
-        drop(in_flight);
         match response {
             Ok(response) => (response, None),
             Err((status, message)) => {

@@ -24,7 +24,7 @@ mod seccomp;
 pub mod spares;
 pub mod spawn;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -136,7 +136,7 @@ pub enum Service {
 pub struct SandboxService {
     pub pod: Arc<PodSandbox>,
     pub container: String,
-    in_flight: AtomicU64,
+    gate: crate::in_flight::Gate,
 }
 
 impl SandboxService {
@@ -144,22 +144,33 @@ impl SandboxService {
         Arc::new(Self {
             pod,
             container,
-            in_flight: AtomicU64::new(0),
+            gate: crate::in_flight::Gate::default(),
         })
     }
 
-    async fn handle<B>(&self, request: Request<B>) -> Response<HttpBody>
+    /// Serves one request, or hands it back untouched when the container is stopping or
+    /// its sandbox is not running (being restarted), so a proxy can try another endpoint.
+    async fn try_handle<B>(&self, request: Request<B>) -> Result<Response<HttpBody>, Request<B>>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Send,
     {
-        let Some(sandbox) = self.pod.current() else {
-            return text_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the pod's sandbox is not running\n",
-            );
+        let Some(in_flight) = self.gate.enter() else {
+            return Err(request);
         };
-        let _in_flight = crate::in_flight::InFlight::enter(&self.in_flight);
+        let Some(sandbox) = self.pod.current() else {
+            return Err(request);
+        };
+        let response = self.serve(&sandbox, request).await;
+        drop(in_flight);
+        Ok(response)
+    }
+
+    async fn serve<B>(&self, sandbox: &Arc<Sandbox>, request: Request<B>) -> Response<HttpBody>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Send,
+    {
         let metrics = &self.pod.metrics;
         let id = metrics.http_requests.fetch_add(1, Ordering::Relaxed) + 1;
         let span =
@@ -209,9 +220,35 @@ impl Service {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error> + Send,
     {
+        match self.try_handle(request).await {
+            Ok(response) => response,
+            Err(_) => text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the container is stopping or its sandbox is not running\n",
+            ),
+        }
+    }
+
+    /// Serves one request, or hands it back untouched (nothing of it was sent) when the
+    /// container is stopping or its sandbox is being restarted: a proxy then tries
+    /// another endpoint, which is safe whatever the method.
+    pub async fn try_handle<B>(&self, request: Request<B>) -> Result<Response<HttpBody>, Request<B>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error> + Send,
+    {
         match self {
-            Service::InProcess(app) => app.handle(request).await,
-            Service::Sandboxed(service) => service.handle(request).await,
+            Service::InProcess(app) => app.try_handle(request).await,
+            Service::Sandboxed(service) => service.try_handle(request).await,
+        }
+    }
+
+    /// Takes no new requests: called once the container left the gateway's endpoints,
+    /// before its graceful stop waits for the requests in flight.
+    pub fn close(&self) {
+        match self {
+            Service::InProcess(app) => app.close(),
+            Service::Sandboxed(service) => service.gate.close(),
         }
     }
 
@@ -219,7 +256,7 @@ impl Service {
     pub fn in_flight(&self) -> u64 {
         match self {
             Service::InProcess(app) => app.in_flight(),
-            Service::Sandboxed(service) => service.in_flight.load(Ordering::Relaxed),
+            Service::Sandboxed(service) => service.gate.in_flight(),
         }
     }
 
