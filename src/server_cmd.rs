@@ -59,6 +59,14 @@ pub struct ServerArgs {
     /// Most open watches on this member's Kubernetes API.
     #[arg(long, default_value_t = 8192)]
     api_max_watches: usize,
+    /// Changes a watcher may fall behind the watch cache before it is ended with 410 Gone
+    /// (its client lists again); bounds what a client that stops reading costs.
+    #[arg(long, default_value_t = 4096)]
+    api_watch_lag: usize,
+    /// How long a watch waits for its client to read the next event before ending the
+    /// stream (the client resumes from the last resourceVersion it read).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    api_watch_stall: Duration,
     /// How many days the certificates signed for nodes are valid (they renew before).
     #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i32).range(1..=3650))]
     node_certificate_days: i32,
@@ -243,8 +251,11 @@ pub async fn start(args: ServerArgs) -> anyhow::Result<Member> {
         "--node-grace-period and --node-monitor-period must be positive"
     );
     anyhow::ensure!(
-        args.api_max_connections >= 1 && args.api_max_watches >= 1,
-        "--api-max-connections and --api-max-watches must be at least 1"
+        args.api_max_connections >= 1
+            && args.api_max_watches >= 1
+            && args.api_watch_lag >= 1
+            && !args.api_watch_stall.is_zero(),
+        "--api-max-connections, --api-max-watches, --api-watch-lag and --api-watch-stall must be positive"
     );
     let advertise_api = match &args.advertise_api {
         Some(a) => a.clone(),
@@ -315,6 +326,11 @@ pub async fn start(args: ServerArgs) -> anyhow::Result<Member> {
             advertise: advertise_api.clone(),
             max_connections: args.api_max_connections,
             max_watches: args.api_max_watches,
+            watch_stall: args.api_watch_stall,
+            cache: brink_control::apiserver::CacheSettings {
+                broadcast: args.api_watch_lag,
+                ..Default::default()
+            },
             node_certificate_days: args.node_certificate_days,
             default_toleration_seconds: i64::from(args.default_toleration_seconds),
             ..Default::default()

@@ -69,6 +69,10 @@ pub struct ApiServerSettings {
     /// A watch without `timeoutSeconds` lasts between this and twice this (as
     /// kube-apiserver's `--min-request-timeout`).
     pub watch_timeout: Duration,
+    /// How long a watch waits for its client to take the next event before it ends the
+    /// stream: a client that stopped reading gives its watch slot back (it resumes from
+    /// the last resourceVersion it read, as after any ended watch).
+    pub watch_stall: Duration,
     /// Bookmarks go out this often to watchers that allow them.
     pub bookmark_interval: Duration,
     /// How long a consistent read waits for the watch cache to catch up.
@@ -102,6 +106,7 @@ impl Default for ApiServerSettings {
             max_streams: 250,
             max_watches: 8192,
             watch_timeout: Duration::from_secs(1800),
+            watch_stall: Duration::from_secs(60),
             bookmark_interval: Duration::from_secs(60),
             cache_wait: Duration::from_secs(10),
             namespace_sweep: Duration::from_secs(2),

@@ -244,9 +244,16 @@ async fn run(
     mut shape: Shape,
 ) {
     let deadline = tokio::time::Instant::now() + timeout;
+    let stall = state.settings.watch_stall;
+    // A client that stops reading fills the stream's queue; waiting for it is bounded by
+    // the watch's own deadline and by `watch_stall`, so it cannot hold its slot (or this
+    // task) for good. What it has not read of the queue is all it costs meanwhile.
     let send = |b: Bytes| {
         let tx = tx.clone();
-        async move { tx.send(b).await.is_ok() }
+        async move {
+            let until = deadline.min(tokio::time::Instant::now() + stall);
+            matches!(tokio::time::timeout_at(until, tx.send(b)).await, Ok(Ok(())))
+        }
     };
     let Some(start) = state.cache.watch(after.unwrap_or(u64::MAX)) else {
         return;
