@@ -1244,6 +1244,303 @@ fn bad_api_input_gets_a_status_and_changes_nothing() {
     );
 }
 
+/// A member holds at most `--api-max-watches` watches and refuses more with a 429
+/// `Status`; a client that stops reading its watch slows no other client, gives its slot
+/// back after `--api-watch-stall`, and resumes from its last resourceVersion without a
+/// gap; one that reads too slowly is ended in-stream with 410 Expired (kube-rs relists on
+/// that). Raw HTTPS streams, since kube-rs sends a watch only when its stream is polled.
+#[test]
+fn watches_are_bounded_and_a_stalled_watcher_slows_no_one() {
+    use brink_chaos::api::{ApiAccess, WatchLines};
+    use serde_json::{Value, json};
+
+    const WATCHES: usize = 2000;
+    const WRITES: usize = 300;
+    let site = Site::init(&[
+        "--api-max-watches",
+        &WATCHES.to_string(),
+        "--api-watch-lag",
+        "16",
+        "--api-watch-stall",
+        "3s",
+    ]);
+    let access = ApiAccess::from_kubeconfig(&site.kubeconfig()).expect("kubeconfig");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let mut admin = access.http2().await.expect("connect");
+        for ns in ["w", "flood"] {
+            let made = admin
+                .call(
+                    "POST",
+                    "/api/v1/namespaces",
+                    Some(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})),
+                )
+                .await
+                .expect("namespace");
+            assert_eq!(made.status, 201, "{:?}", made.body);
+        }
+        let listed = admin
+            .call("GET", "/api/v1/namespaces/w/configmaps", None)
+            .await
+            .expect("list");
+        let rv = listed.json()["metadata"]["resourceVersion"]
+            .as_str()
+            .expect("list resourceVersion")
+            .to_owned();
+        let watch_w = format!("/api/v1/namespaces/w/configmaps?watch=true&resourceVersion={rv}");
+
+        // 2,000 watches is the member's limit, its own controllers' watches included: a
+        // client asking for 2,050 over eleven HTTP/2 connections gets all but those, and
+        // each one over is refused with a Status saying why (three of them, on a
+        // connection of their own, are given back later).
+        let spare = access.http2().await.expect("connect");
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let response = spare.clone().open("GET", &watch_w, None).await.expect("watch");
+            assert_eq!(response.status(), 200);
+            streams.push(WatchLines::new(response));
+        }
+        let mut connections = Vec::new();
+        for _ in 0..10 {
+            connections.push(access.http2().await.expect("connect"));
+        }
+        let mut watchers = Vec::new();
+        for i in 0..WATCHES + 50 {
+            let mut connection = connections[i % connections.len()].clone();
+            let path = watch_w.clone();
+            watchers.push(tokio::spawn(async move {
+                let response = connection.open("GET", &path, None).await.expect("watch");
+                match response.status().as_u16() {
+                    200 => Ok(WatchLines::new(response)),
+                    status => {
+                        let body = http_body_util::BodyExt::collect(response.into_body())
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        Err((status, serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null)))
+                    }
+                }
+            }));
+        }
+        let mut refused = 0;
+        for watcher in watchers {
+            match watcher.await.expect("watcher") {
+                Ok(stream) => streams.push(stream),
+                Err((status, body)) => {
+                    refused += 1;
+                    assert_eq!(status, 429, "{body}");
+                    assert_eq!(body["kind"], "Status", "{body}");
+                    assert_eq!(body["reason"], "TooManyRequests", "{body}");
+                    assert!(
+                        body["message"].as_str().unwrap_or("").contains("watches"),
+                        "{body}"
+                    );
+                }
+            }
+        }
+        assert!(refused >= 50, "{refused} refused");
+        assert!(
+            streams.len() > WATCHES - 200,
+            "only {} watches opened",
+            streams.len()
+        );
+        let refused = admin.call("GET", &watch_w, None).await.expect("watch");
+        assert_eq!(refused.status, 429, "{:?}", refused.body);
+        // A write reaches every one of them.
+        let made = admin
+            .call(
+                "POST",
+                "/api/v1/namespaces/w/configmaps",
+                Some(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "seen-by-all"}})),
+            )
+            .await
+            .expect("create");
+        assert_eq!(made.status, 201);
+        let mut readers = Vec::new();
+        for mut stream in streams.drain(..) {
+            readers.push(tokio::spawn(async move {
+                let event = tokio::time::timeout(Duration::from_secs(60), stream.next())
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(Value::Null);
+                (event, stream)
+            }));
+        }
+        for reader in readers {
+            let (event, stream) = reader.await.expect("reader");
+            assert_eq!(event["type"], "ADDED", "{event}");
+            assert_eq!(event["object"]["metadata"]["name"], "seen-by-all", "{event}");
+            streams.push(stream);
+        }
+        // Closing a connection gives its three watches back (once the member saw it go),
+        // for the three watchers of the flood below.
+        drop(spare);
+        drop(streams.drain(..3));
+
+        // Three watchers of the flood: one reads everything, one reads nothing until
+        // later (a small socket buffer, so the member feels it at once), one reads an
+        // event every half second while the writes go on.
+        let flood_rv = admin
+            .call("GET", "/api/v1/namespaces/flood/configmaps", None)
+            .await
+            .expect("list")
+            .json()["metadata"]["resourceVersion"]
+            .as_str()
+            .expect("resourceVersion")
+            .to_owned();
+        let watch_flood = |rv: &str| {
+            format!("/api/v1/namespaces/flood/configmaps?watch=true&resourceVersion={rv}")
+        };
+        let mut stalled_connection = access
+            .http1_with_receive_buffer(Some(4096))
+            .await
+            .expect("connect");
+        let stalled = stalled_connection.open_when_admitted("GET", &watch_flood(&flood_rv), Duration::from_secs(30))
+            .await
+            .expect("watch");
+        assert_eq!(stalled.status(), 200);
+        let mut slow_connection = access
+            .http1_with_receive_buffer(Some(4096))
+            .await
+            .expect("connect");
+        let slow = slow_connection.open_when_admitted("GET", &watch_flood(&flood_rv), Duration::from_secs(30))
+            .await
+            .expect("watch");
+        assert_eq!(slow.status(), 200);
+        let mut fast_connection = access.http2().await.expect("connect");
+        let fast = fast_connection.open_when_admitted("GET", &watch_flood(&flood_rv), Duration::from_secs(30))
+            .await
+            .expect("watch");
+        assert_eq!(fast.status(), 200);
+        let names = |events: &[Value]| -> Vec<String> {
+            events
+                .iter()
+                .filter(|e| e["type"] == "ADDED")
+                .map(|e| e["object"]["metadata"]["name"].as_str().unwrap_or("").to_owned())
+                .collect()
+        };
+        let fast_reader = tokio::spawn(async move {
+            let mut stream = WatchLines::new(fast);
+            let mut events = Vec::new();
+            while events.len() < WRITES {
+                match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
+                    Ok(Some(event)) => events.push(event),
+                    _ => break,
+                }
+            }
+            events
+        });
+        let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let slow_reader = {
+            let writing = writing.clone();
+            tokio::spawn(async move {
+                let mut stream = WatchLines::new(slow);
+                let mut events = Vec::new();
+                loop {
+                    if writing.load(std::sync::atomic::Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
+                        Ok(Some(event)) => events.push(event),
+                        _ => break,
+                    }
+                }
+                events
+            })
+        };
+        let filler = "x".repeat(32 * 1024);
+        let mut expected = Vec::new();
+        for i in 0..WRITES {
+            let name = format!("flood-{i:03}");
+            let made = admin
+                .call(
+                    "POST",
+                    "/api/v1/namespaces/flood/configmaps",
+                    Some(&json!({
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "metadata": {"name": name},
+                        "data": {"filler": filler},
+                    })),
+                )
+                .await
+                .expect("create");
+            assert_eq!(made.status, 201, "write {i} while a watcher stalls");
+            expected.push(name);
+        }
+        writing.store(false, std::sync::atomic::Ordering::SeqCst);
+        // The reading watcher saw every write, in order.
+        let fast_events = fast_reader.await.expect("fast reader");
+        assert_eq!(names(&fast_events), expected);
+        // The slow one was ended in-stream with 410 Expired after an in-order prefix.
+        let slow_events = slow_reader.await.expect("slow reader");
+        let last = slow_events.last().cloned().unwrap_or(Value::Null);
+        assert_eq!(last["type"], "ERROR", "{last}");
+        assert_eq!(last["object"]["code"], 410, "{last}");
+        assert_eq!(last["object"]["reason"], "Expired", "{last}");
+        let slow_names = names(&slow_events);
+        assert!(slow_names.len() < WRITES, "the slow watcher was never ended");
+        assert_eq!(slow_names[..], expected[..slow_names.len()]);
+        // The stalled one gave its slot back: with every other slot taken, a new watch
+        // opens once the stall ended it.
+        let start = tokio::time::Instant::now();
+        let mut probe = access.http2().await.expect("connect");
+        let mut fillers = Vec::new();
+        loop {
+            let response = probe.open("GET", &watch_w, None).await.expect("watch");
+            if response.status() == 200 {
+                fillers.push(response);
+                if fillers.len() == 3 {
+                    break;
+                }
+                continue;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the stalled watch kept its slot"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Read late, its stream is an in-order prefix and then ends; a watch from the
+        // last resourceVersion it read brings the rest, with no gap.
+        let mut stream = WatchLines::new(stalled);
+        let mut stalled_events = Vec::new();
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            stalled_events.push(event);
+        }
+        let mut seen = names(&stalled_events);
+        assert!(seen.len() < WRITES, "the stalled watcher was never ended");
+        assert_eq!(seen[..], expected[..seen.len()]);
+        let resume_rv = stalled_events
+            .iter()
+            .rev()
+            .find_map(|e| e["object"]["metadata"]["resourceVersion"].as_str())
+            .unwrap_or(&flood_rv)
+            .to_owned();
+        drop(fillers);
+        let mut again = access.http2().await.expect("connect");
+        let resumed = again
+            .open("GET", &watch_flood(&resume_rv), None)
+            .await
+            .expect("watch");
+        assert_eq!(resumed.status(), 200);
+        let mut stream = WatchLines::new(resumed);
+        while seen.len() < WRITES {
+            match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+                Ok(Some(event)) => seen.extend(names(std::slice::from_ref(&event))),
+                _ => break,
+            }
+        }
+        assert_eq!(seen, expected, "the resumed watch left a gap");
+        drop(streams);
+    });
+}
+
 /// `brink node` started with a node's data directory and extra flags; killed on drop.
 struct NodeProcess(Child);
 
