@@ -113,9 +113,28 @@ impl Kubectl<'_> {
     }
 
     fn run_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        self.run_with_env(args, stdin, &[])
+    }
+
+    /// `kubectl edit` with `script` as the editor (it gets the file to change).
+    fn edit(&self, args: &[&str], script: &str) -> Output {
+        let path = self
+            .config
+            .with_file_name(format!("editor-{}.sh", fastrand::u64(..)));
+        std::fs::write(&path, format!("#!/bin/sh\nset -e\n{script}\n")).expect("editor");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let editor = path.to_str().expect("utf-8");
+        let mut all = vec!["edit"];
+        all.extend_from_slice(args);
+        self.run_with_env(&all, None, &[("KUBE_EDITOR", editor)])
+    }
+
+    fn run_with_env(&self, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
         let mut command = Command::new(self.bin);
         command
             .args(args)
+            .envs(env.iter().copied())
             .env("KUBECONFIG", &self.config)
             .env("HOME", self.config.parent().unwrap_or(Path::new("/tmp")))
             .stdin(if stdin.is_some() {
@@ -240,6 +259,76 @@ fn session(k: &Kubectl<'_>, ns: &str) {
         again.contains("configmaps \"cfg\" already exists"),
         "{again}"
     );
+
+    k.ok(&[
+        "-n",
+        ns,
+        "create",
+        "configmap",
+        "edit-me",
+        "--from-literal=a=1",
+    ]);
+    // `kubectl edit`: a change is saved; one the server refuses (an invalid label key)
+    // is reported and saves nothing; closing the editor without a change changes nothing.
+    let edited = k.edit(
+        &["-n", ns, "configmap", "edit-me"],
+        r#"sed -i 's/^  a: "1"$/  a: "2"/' "$1""#,
+    );
+    assert!(edited.status.success(), "{}", stderr(&edited));
+    assert!(
+        stdout(&edited).contains("configmap/edit-me edited"),
+        "{}",
+        stdout(&edited)
+    );
+    assert_eq!(
+        k.ok(&["-n", ns, "get", "cm", "edit-me", "-o", "jsonpath={.data.a}"]),
+        "2"
+    );
+    let before = k.ok(&[
+        "-n",
+        ns,
+        "get",
+        "cm",
+        "edit-me",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    let refused = k.edit(
+        &["-n", ns, "configmap", "edit-me"],
+        r#"sed -i 's/^  a: "2"$/  a: "3"/; s/^metadata:$/metadata:\n  labels:\n    ..\/a: b/' "$1""#,
+    );
+    assert!(!refused.status.success(), "{}", stdout(&refused));
+    // kubectl shows the causes in the file it reopens; on stderr, as against
+    // kube-apiserver, only that the object is invalid and nothing was saved.
+    let said = stderr(&refused);
+    assert!(said.contains("configmaps \"edit-me\" is invalid"), "{said}");
+    assert!(said.contains("no valid changes were saved"), "{said}");
+    let unchanged = k.edit(&["-n", ns, "configmap", "edit-me"], "true");
+    assert!(unchanged.status.success(), "{}", stderr(&unchanged));
+    assert!(
+        format!("{}{}", stdout(&unchanged), stderr(&unchanged)).contains("no changes made"),
+        "{}",
+        stderr(&unchanged)
+    );
+    assert_eq!(
+        k.ok(&[
+            "-n",
+            ns,
+            "get",
+            "cm",
+            "edit-me",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}"
+        ]),
+        before,
+        "a refused or empty edit wrote something"
+    );
+    assert_eq!(
+        k.ok(&["-n", ns, "get", "cm", "edit-me", "-o", "jsonpath={.data.a}"]),
+        "2"
+    );
+
+    k.ok(&["-n", ns, "delete", "configmap", "edit-me"]);
 
     // A pod from a file: stored Pending (no node has joined), shown with pod columns.
     let pod_file = k.config.with_file_name(format!("{ns}-pod.yaml"));

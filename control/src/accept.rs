@@ -54,3 +54,59 @@ pub async fn accept_loop<F, Fut>(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// Echoes one byte back per byte read, until the client closes.
+    async fn echo(mut tcp: TcpStream) {
+        let mut byte = [0u8; 1];
+        while let Ok(1) = tcp.read(&mut byte).await {
+            if tcp.write_all(&byte).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn served(tcp: &mut TcpStream) -> bool {
+        if tcp.write_all(b"x").await.is_err() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut byte)).await,
+            Ok(Ok(1))
+        )
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed_and_a_freed_slot_is_reused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(accept_loop(listener, 2, "test", |tcp, _| echo(tcp)));
+        let mut first = TcpStream::connect(addr).await.expect("connect");
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        assert!(served(&mut first).await);
+        assert!(served(&mut second).await);
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        assert!(!served(&mut third).await, "a third connection was served");
+        drop(first);
+        // The slot comes back once the server has seen the close.
+        let mut fourth_served = false;
+        for _ in 0..100 {
+            let mut fourth = TcpStream::connect(addr).await.expect("connect");
+            if served(&mut fourth).await {
+                fourth_served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(fourth_served, "the freed slot was never reused");
+        assert!(
+            served(&mut second).await,
+            "an open connection was disturbed"
+        );
+    }
+}
